@@ -1,0 +1,95 @@
+"""Orbax checkpoints under `WORKDIR/checkpoints`: the model, the training state, and metadata.
+
+Each step holds up to three items, so that every reader restores only what it needs:
+  model  {'params', 'batch_stats'}      what evaluation and colorization need
+  train  optimizer, plateau, step, rng  what resuming training needs (absent after convert_torch)
+  meta   JSON: epoch, metrics, ...
+Orbax writes each step to a temporary directory and renames it when complete, so a step cut
+off mid-write is never listed: readers fall back to the previous complete one.
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from colorflax.errors import UserError
+
+CONFIG_FILE = 'config.json'
+
+
+def checkpoint_dir(workdir) -> str:
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+
+
+def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bool = True):
+  """A CheckpointManager keeping the latest `keep` steps and the best one by validation loss."""
+  preservation = policies.AnyPreservationPolicy([
+      policies.LatestN(n=keep),
+      policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
+                     keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=lambda m: m['val_loss'], best_mode='min', preservation_policy=preservation,
+      enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('model', 'train', 'meta'))
+
+
+def save(mngr, step: int, *, model, meta: dict, train=None, metrics=None):
+  items = {'model': ocp.args.StandardSave(model), 'meta': ocp.args.JsonSave(meta)}
+  if train is not None:
+    items['train'] = ocp.args.StandardSave(train)
+  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def resolve_step(mngr, which='latest') -> int:
+  """'latest', 'best' or a step number -> a step that exists, or a UserError saying what does."""
+  steps = mngr.all_steps()
+  if not steps:
+    raise UserError(f'no complete checkpoint in {mngr.directory}')
+  if which == 'latest':
+    return mngr.latest_step()
+  if which == 'best':
+    return mngr.best_step()
+  try:
+    step = int(which)
+  except (TypeError, ValueError):
+    raise UserError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}") from None
+  if step not in steps:
+    raise UserError(f'no checkpoint at step {step} in {mngr.directory}; there are {sorted(steps)}')
+  return step
+
+
+def restore_model(workdir, which='latest', target=None):
+  """(variables, meta, step) from `workdir`. `target`: abstract or concrete variables that
+  give shapes and shardings (so a checkpoint restores onto any device layout)."""
+  mngr = manager(workdir, read_only=True)
+  step = resolve_step(mngr, which)
+  model_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+  restored = mngr.restore(step, args=ocp.args.Composite(model=model_args, meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return restored['model'], restored['meta'], step
+
+
+def write_config(workdir, config):
+  """The resolved config as JSON, next to the checkpoints (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(path + '.tmp', path)
+
+
+def read_config(workdir):
+  """The ConfigDict a workdir was trained (or converted) with."""
+  import ml_collections
+  path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

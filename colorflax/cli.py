@@ -1,0 +1,73 @@
+"""What every entry point shares: `--config` with `--config.a.b=value` overrides, validation
+before any heavy work, and one-line errors (exit code 2) for bad input instead of tracebacks."""
+
+import os
+import re
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from colorflax import config_validation
+from colorflax.errors import UserError
+
+EXIT_USAGE = 2
+
+
+def define_config_flag(default=None, required=True):
+  return config_flags.DEFINE_config_file(
+      'config', default, 'Path to a config file, e.g. configs/quickstart.py.', lock_config=True)
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
+  print(f'{prog}: error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _unknown_key_message(exc, argv):
+  text = str(exc).replace('\\', '')
+  key = re.search(r"'(\w+)'", text)
+  key = key.group(1) if key else text
+  hint = re.search(r'Did you mean "(\w+)"', text)
+  hint = f" (did you mean '{hint.group(1)}'?)" if hint else ''
+  for arg in argv:
+    m = re.match(r'--(config(?:\.\w+)+)', arg)
+    if m and key in m.group(1).split('.'):
+      return f'--{m.group(1)}: no such config field{hint}'
+  return f'unknown config field {key!r}{hint}'
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config errors reduced to one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    fail(_unknown_key_message(e, argv))
+
+
+def load_config(holder):
+  """The parsed, overridden, locked config, validated; a missing or broken file is one line."""
+  if holder.value is None:
+    raise UserError('--config is required, e.g. --config configs/quickstart.py')
+  try:
+    config = holder.value
+    config.keys()  # the file is loaded lazily; make a loading error surface here
+  except (OSError, SyntaxError, ImportError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raise UserError(f'--config: {lines[-1] if lines else e}') from None
+  return config_validation.validate(config)
+
+
+def run(main):
+  """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2."""
+  argv = parse_flags(sys.argv)
+  try:
+    code = main(argv)
+  except UserError as e:
+    fail(str(e))
+  except KeyboardInterrupt:
+    fail('interrupted', code=130)
+  sys.exit(code or 0)

@@ -1,0 +1,53 @@
+"""`python -m colorflax.convert_torch SEED.pth --workdir DIR`: a prototype checkpoint -> an
+orbax checkpoint that `colorflax.evaluate` and `colorflax.colorize` read like a trained one."""
+
+import os
+
+from absl import flags
+
+from colorflax import checkpoints, cli
+from configs import default
+from colorflax.errors import UserError
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the checkpoint into.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint already in --workdir.')
+
+
+def convert(pth_path, workdir, overwrite=False):
+  """Writes DIR/checkpoints/0 and DIR/config.json; returns the step written."""
+  from colorflax import convert as convert_lib  # imports torch: only this command needs it
+
+  model, variables = convert_lib.load_torch_checkpoint(pth_path)
+  if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(checkpoints.checkpoint_dir(workdir)):
+    if not overwrite:
+      raise UserError(f'{checkpoints.checkpoint_dir(workdir)} already holds checkpoints; pass --overwrite to replace them')
+    import shutil
+    shutil.rmtree(checkpoints.checkpoint_dir(workdir))
+  config = default.get_config()
+  # The prototype's features: ImageNet Inception-v3 logits (or the pooled 2048 if its dec1 says so).
+  config.features.inception_weights = 'imagenet'
+  config.features.kind = 'logits' if model.embedding_dim == 1000 else 'pool'
+  checkpoints.write_config(workdir, config)
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, 0, model=variables,
+                   meta={'epoch': 0, 'source': 'convert_torch', 'torch_checkpoint': os.path.abspath(pth_path)})
+  mngr.wait_until_finished()
+  mngr.close()
+  return 0
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise UserError('usage: python -m colorflax.convert_torch SEED.pth --workdir DIR')
+  if not _WORKDIR.value:
+    raise UserError('--workdir is required')
+  convert(argv[1], _WORKDIR.value, _OVERWRITE.value)
+  print(f'wrote {checkpoints.checkpoint_dir(_WORKDIR.value)}/0 from {argv[1]}')
+
+
+def entry_point():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  entry_point()

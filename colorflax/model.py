@@ -1,0 +1,133 @@
+"""The seed colorizer (`enc_dec`) in Flax linen, exactly as SPEC §1.
+
+Layer names mirror the PyTorch prototype's state_dict keys (`enc2.1` -> `enc2_1`), so that
+importing its checkpoints is a transpose per tensor and nothing else.
+
+Linen rather than NNX: the training step is a pure function of (params, batch_stats, batch),
+which `jax.jit`, `lax.scan` and sharding compose with directly, with no per-step
+split/merge of a mutable object graph in Python.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EMBEDDING_DIMS = {'logits': 1000, 'probs': 1000, 'pool': 2048}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _torch_uniform(key, shape, dtype, fan_in):
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _torch_conv(x, features, kernel, dtype, name):
+  """'same' convolution initialised like `torch.nn.Conv2d`: weights and bias U(±1/sqrt(fan_in))."""
+  init = functools.partial(_torch_uniform, fan_in=x.shape[-1] * kernel * kernel)
+  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype,
+                 kernel_init=init, bias_init=init, name=name)(x)
+
+
+def _max_pool(x):
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _upsample(x):
+  """Nearest-neighbour x2 as a broadcast + reshape (no gather)."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _leaky(x):
+  return nn.leaky_relu(x, negative_slope=0.1)
+
+
+class Colorizer(nn.Module):
+  """Encoder + decoder + skips + fusion of a global embedding.
+
+  `__call__(L, embedding, train)`: L is (B, H, W, 1) = L*/100 in [0, 1], H and W divisible by
+  8; embedding is (B, embedding_dim). Returns (B, H, W, 2) = predicted ab/128, float32.
+  `width` scales every hidden layer (1.0 is the seed); `dtype` is the compute dtype, the
+  parameters stay float32.
+  """
+  width: float = 1.0
+  embedding_dim: int = 1000
+  dtype: Any = jnp.float32
+
+  def _ch(self, n):
+    return max(1, int(round(n * self.width)))
+
+  @nn.compact
+  def __call__(self, L, embedding, train: bool = False):
+    if L.ndim != 4 or L.shape[-1] != 1:
+      raise ValueError(f'L must be (B, H, W, 1), got {L.shape}')
+    if L.shape[1] % 8 or L.shape[2] % 8:
+      raise ValueError(f'H and W must be divisible by 8, got {L.shape[1]}x{L.shape[2]}')
+    if embedding.shape != (L.shape[0], self.embedding_dim):
+      raise ValueError(f'embedding must be ({L.shape[0]}, {self.embedding_dim}), got {embedding.shape}')
+    c = self._ch
+    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name))
+    # PyTorch BatchNorm2d defaults: eps 1e-5, running-stat momentum 0.1 (Flax: 0.9).
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                   dtype=self.dtype, name=name)
+    x = L.astype(self.dtype)
+
+    enc1 = _leaky(conv(c(128), 3, 'enc1_0')(x))
+
+    x = _max_pool(enc1)
+    x = nn.relu(conv(c(128), 5, 'enc2_1')(x))
+    x = nn.relu(conv(c(128), 3, 'enc2_3')(x))
+    enc2 = bn('enc2_5')(x)
+
+    x = _max_pool(enc2)
+    x = nn.relu(conv(c(256), 5, 'enc3_1')(x))
+    enc3 = nn.relu(conv(c(256), 3, 'enc3_3')(x))
+
+    x = _max_pool(enc3)
+    x = nn.relu(conv(c(256), 5, 'enc4_1')(x))
+    x = nn.relu(conv(c(256), 3, 'enc4_3')(x))
+    x = nn.relu(conv(c(256), 3, 'enc4_5')(x))
+    enc4 = bn('enc4_7')(x)
+
+    # Fusion: the embedding tiled over the bottleneck grid, after the enc4 channels.
+    b, h, w, _ = enc4.shape
+    tiled = jnp.broadcast_to(embedding.astype(self.dtype)[:, None, None, :], (b, h, w, self.embedding_dim))
+    x = jnp.concatenate([enc4, tiled], axis=-1)
+
+    x = nn.relu(conv(c(128), 3, 'dec1_0')(x))
+    x = _upsample(_leaky(conv(c(64), 3, 'dec1_2')(x)))
+
+    x = jnp.concatenate([x, enc3], axis=-1)
+    x = _upsample(nn.relu(conv(c(128), 3, 'dec2_0')(x)))
+
+    x = jnp.concatenate([x, enc2], axis=-1)
+    x = nn.relu(conv(c(64), 5, 'dec3_0')(x))
+    x = nn.relu(conv(c(64), 3, 'dec3_2')(x))
+    x = nn.relu(conv(c(32), 3, 'dec3_4')(x))
+    x = _upsample(_leaky(conv(2, 3, 'dec3_6')(x)))
+
+    x = jnp.tanh(conv(2, 3, 'dec4_0')(x))
+    return x.astype(jnp.float32)
+
+
+def model_from_config(config) -> Colorizer:
+  """The model a config describes; the embedding size follows the feature kind."""
+  return Colorizer(width=config.model.width,
+                   embedding_dim=EMBEDDING_DIMS[config.features.kind],
+                   dtype=DTYPES[config.model.dtype])
+
+
+def init_variables(model: Colorizer, rng, image_size: int = 64):
+  """Parameters and BatchNorm statistics (initialised at a small size: the model is fully convolutional)."""
+  L = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+  e = jnp.zeros((1, model.embedding_dim), jnp.float32)
+  return jax.jit(lambda r: model.init(r, L, e, train=False))(rng)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

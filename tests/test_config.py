@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from colorflax import config_validation
+from colorflax.errors import ConfigError
+from configs import default, quickstart
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_is_the_seed_recipe():
+  c = default.get_config()
+  assert (c.data.image_size, c.batch_size, c.num_epochs, c.learning_rate) == (256, 8, 60, 1e-3)
+  assert (c.plateau.patience, c.plateau.factor, c.data.val_fraction) == (10, 0.1, 0.25)
+  assert (c.augment.rotation_degrees, c.augment.shear, c.augment.flip_probability) == (20.0, 0.2, 0.5)
+  assert (c.model.width, c.model.dtype, c.features.kind) == (1.0, 'float32', 'logits')
+  config_validation.validate(c)
+  config_validation.validate(quickstart.get_config())
+
+
+@pytest.mark.parametrize('key,value,fragment', [
+    ('batch_size', -8, 'positive integer'),
+    ('data.image_size', 250, 'multiple of 8'),
+    ('data.val_fraction', 1.0, 'strictly between 0 and 1'),
+    ('data.resize', 'stretch', 'squash'),
+    ('features.kind', 'pooled', 'logits'),
+    ('model.dtype', 'float16', 'bfloat16'),
+    ('features.inception_weights', '/nope/inception.pth', 'no such weights file'),
+    ('plateau.factor', 1.5, 'in (0, 1)'),
+])
+def test_invalid_values_name_the_key(key, value, fragment):
+  c = default.get_config()
+  section, _, name = key.rpartition('.')
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ConfigError) as info:
+    config_validation.validate(c)
+  assert info.value.key == key
+  assert fragment in str(info.value)
+
+
+_PROGRAM = """
+from colorflax import cli
+CONFIG = cli.define_config_flag()
+cli.run(lambda argv: print(cli.load_config(CONFIG).data.image_size))
+"""
+
+
+def _cli(*args):
+  # A minimal entry point built the way every colorflax entry point is (cli.run + --config).
+  return subprocess.run([sys.executable, '-c', _PROGRAM, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_overrides_apply():
+  r = _cli('--config', 'configs/quickstart.py', '--config.data.image_size=128')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '128'
+
+
+@pytest.mark.parametrize('args,fragment', [
+    (['--config.data.imagesize=64'], 'config.data.imagesize'),
+    (['--config.data.image_size=abc'], 'config.data.image_size'),
+    (['--config.data.image_size=60'], 'config.data.image_size'),
+    (['--config.batch_size=-1'], 'config.batch_size'),
+])
+def test_cli_config_errors_are_one_line_exit_2(args, fragment):
+  r = _cli('--config', 'configs/quickstart.py', *args)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert fragment in lines[0]
+
+
+def test_cli_missing_config_file():
+  r = _cli('--config', 'configs/nope.py')
+  assert r.returncode == 2
+  assert len(r.stderr.strip().splitlines()) == 1 and 'nope.py' in r.stderr

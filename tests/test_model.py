@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colorflax import model as model_lib
+from configs import default
+
+
+def test_default_config_is_the_seed_model():
+  model = model_lib.model_from_config(default.get_config())
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  assert model_lib.count_params(variables['params']) == 7_142_984
+  assert model_lib.count_params(variables['batch_stats']) == 768
+
+
+@pytest.mark.parametrize('hw', [(64, 96), (32, 32)])
+def test_any_size_divisible_by_8(hw):
+  model = model_lib.Colorizer(width=0.125)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  L = jax.random.uniform(jax.random.key(1), (2, *hw, 1))
+  e = jax.random.normal(jax.random.key(2), (2, 1000))
+  out = model.apply(variables, L, e, train=False)
+  assert out.shape == (2, *hw, 2) and out.dtype == jnp.float32
+  assert float(jnp.abs(out).max()) <= 1.0  # tanh
+
+
+def test_size_not_divisible_by_8_is_rejected():
+  model = model_lib.Colorizer(width=0.125)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  with pytest.raises(ValueError, match='divisible by 8'):
+    model.apply(variables, jnp.zeros((1, 60, 64, 1)), jnp.zeros((1, 1000)), train=False)
+
+
+def test_pooled_2048_embedding():
+  config = default.get_config()
+  config.features.kind = 'pool'
+  model = model_lib.model_from_config(config)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  assert variables['params']['dec1_0']['kernel'].shape == (3, 3, 256 + 2048, 128)
+  out = model.apply(variables, jnp.zeros((1, 32, 32, 1)), jnp.ones((1, 2048)), train=False)
+  assert out.shape == (1, 32, 32, 2)
+
+
+def test_width_multiplier_scales_hidden_layers_only():
+  small = model_lib.init_variables(model_lib.Colorizer(width=0.5), jax.random.key(0))['params']
+  assert small['enc1_0']['kernel'].shape == (3, 3, 1, 64)
+  assert small['dec1_0']['kernel'].shape == (3, 3, 128 + 1000, 64)
+  assert small['dec4_0']['kernel'].shape == (3, 3, 2, 2)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params():
+  model = model_lib.Colorizer(width=0.125, dtype=jnp.bfloat16)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  L = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
+  e = jax.random.normal(jax.random.key(2), (2, 1000))
+  hlo = jax.jit(lambda v: model.apply(v, L, e, train=False)).lower(variables).as_text()
+  assert 'bf16' in hlo
+  out_bf16 = model.apply(variables, L, e, train=False)
+  out_f32 = model_lib.Colorizer(width=0.125).apply(variables, L, e, train=False)
+  assert out_bf16.dtype == jnp.float32
+  assert float(jnp.abs(out_bf16 - out_f32).max()) < 0.05  # same function, bf16 rounding
+
+
+def test_training_mode_updates_batch_stats():
+  model = model_lib.Colorizer(width=0.125)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  L = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+  e = jax.random.normal(jax.random.key(2), (4, 1000))
+  _, updates = model.apply(variables, L, e, train=True, mutable=['batch_stats'])
+  before = variables['batch_stats']['enc2_5']['mean']
+  after = updates['batch_stats']['enc2_5']['mean']
+  assert not np.allclose(before, after)
