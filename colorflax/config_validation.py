@@ -53,6 +53,8 @@ def validate(config):
   _require(config, 'data.val_fraction', lambda v: isinstance(v, (int, float)) and 0 < v < 1,
            'a fraction strictly between 0 and 1')
   _require(config, 'data.synthetic_images', positive_int, 'a positive integer')
+  _require(config, 'data.max_image_pixels', positive_int, 'a positive integer')
+  _require(config, 'features.calibration_images', positive_int, 'a positive integer')
   _require(config, 'features.kind', lambda v: v in FEATURE_KINDS, f'one of {FEATURE_KINDS}')
   _require(config, 'features.inception_weights',
            lambda v: isinstance(v, str) and (v in NAMED_WEIGHTS or v.endswith(('.pth', '.pt'))),

@@ -21,6 +21,9 @@ def get_config():
   config.data.resize = 'squash'  # 'squash' (area filter, aspect ignored: the seed) | 'center_crop'
   config.data.val_fraction = 0.25
   config.data.skip_grayscale = True  # grayscale-only images hold no colour to learn
+  config.data.max_image_pixels = 89_478_485  # larger images are skipped (decompression bombs)
+  config.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
+  config.data.tfds_image_key = 'image'
 
   config.features = ml_collections.ConfigDict()
   config.features.kind = 'logits'  # 'logits' (1000, the seed) | 'probs' (1000) | 'pool' (2048)
@@ -28,6 +31,7 @@ def get_config():
   config.features.inception_weights = 'auto'
   config.features.batch_size = 32
   config.features.num_workers = 0  # decoding processes; 0 = one per core
+  config.features.calibration_images = 256  # 'random' weights: BatchNorm statistics from these
 
   config.model = ml_collections.ConfigDict()
   config.model.width = 1.0  # multiplies every hidden layer's channels; 1.0 is the seed

@@ -1,0 +1,171 @@
+"""The features cache: resized images and their Inception-v3 embeddings, as arrays on disk.
+
+  CACHE/images.npy      uint8   (N, S, S, 3)
+  CACHE/embeddings.npy  float32 (N, D)
+  CACHE/manifest.json   what was cached, from where, how, and what was skipped (and why)
+
+`CacheWriter` streams rows straight to disk (memory stays bounded whatever N is) inside
+`CACHE.incomplete/`, and renames it to `CACHE` only when complete, so a killed run never leaves
+a cache that looks finished. `open_cache` memory-maps a finished cache and validates it.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+from colorflax.errors import UserError
+
+MANIFEST = 'manifest.json'
+FORMAT_VERSION = 1
+_HEADER_BYTES = 128  # fixed-size .npy header, rewritten with the final row count
+
+
+def _npy_header(shape, dtype) -> bytes:
+  """A version 1.0 .npy header padded to exactly _HEADER_BYTES."""
+  d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.dtype(dtype).str, tuple(shape))
+  pad = _HEADER_BYTES - 10 - len(d) - 1
+  if pad < 0:
+    raise ValueError('shape too long for the fixed .npy header')
+  body = (d + ' ' * pad + '\n').encode('latin1')
+  return b'\x93NUMPY\x01\x00' + len(body).to_bytes(2, 'little') + body
+
+
+class _RowFile:
+  """Appends rows of a fixed shape to an .npy file whose row count is known only at the end."""
+
+  def __init__(self, path, row_shape, dtype):
+    self.path, self.row_shape, self.dtype, self.rows = path, tuple(row_shape), np.dtype(dtype), 0
+    self.f = open(path, 'wb')
+    self.f.write(_npy_header((0, *self.row_shape), self.dtype))
+
+  def append(self, rows: np.ndarray):
+    rows = np.ascontiguousarray(rows, self.dtype)
+    assert rows.shape[1:] == self.row_shape, (rows.shape, self.row_shape)
+    self.f.write(rows.tobytes())
+    self.rows += len(rows)
+
+  def close(self):
+    self.f.seek(0)
+    self.f.write(_npy_header((self.rows, *self.row_shape), self.dtype))
+    self.f.flush()
+    os.fsync(self.f.fileno())
+    self.f.close()
+
+
+def incomplete_dir(cache_dir) -> str:
+  return os.path.abspath(os.path.expanduser(cache_dir)).rstrip('/') + '.incomplete'
+
+
+class CacheWriter:
+  """Streams a cache into CACHE.incomplete/ and publishes it with one rename in `finish`."""
+
+  def __init__(self, cache_dir, image_size, embedding_dim):
+    self.final = os.path.abspath(os.path.expanduser(cache_dir))
+    self.tmp = incomplete_dir(cache_dir)
+    if os.path.exists(self.tmp):
+      shutil.rmtree(self.tmp)  # what a killed run left behind: start it again cleanly
+    os.makedirs(self.tmp)
+    self.images = _RowFile(os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
+    self.embeddings = _RowFile(os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
+    self.files = []
+
+  def append(self, images, embeddings, ids):
+    assert len(images) == len(embeddings) == len(ids)
+    self.images.append(images)
+    self.embeddings.append(embeddings)
+    self.files.extend(ids)
+
+  def finish(self, manifest: dict) -> str:
+    self.images.close()
+    self.embeddings.close()
+    manifest = {**manifest, 'format_version': FORMAT_VERSION, 'num_images': self.images.rows,
+                'files': self.files}
+    with open(os.path.join(self.tmp, MANIFEST), 'w') as f:
+      json.dump(manifest, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    if os.path.exists(self.final):  # --overwrite: swap, so the old cache is never half-gone
+      old = self.final.rstrip('/') + '.old'
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(self.final, old)
+      os.replace(self.tmp, self.final)
+      shutil.rmtree(old)
+    else:
+      os.replace(self.tmp, self.final)
+    return self.final
+
+  def abort(self):
+    for f in (self.images.f, self.embeddings.f):
+      if not f.closed:
+        f.close()
+
+
+def fingerprint(settings: dict) -> str:
+  """A short hash of everything that determines a cache's contents."""
+  blob = json.dumps(settings, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Cache:
+  directory: str
+  manifest: dict
+  images: np.ndarray  # memory-mapped uint8 (N, S, S, 3)
+  embeddings: np.ndarray  # memory-mapped float32 (N, D)
+
+  @property
+  def num_images(self):
+    return self.manifest['num_images']
+
+  @property
+  def image_size(self):
+    return self.manifest['image_size']
+
+  @property
+  def embedding_dim(self):
+    return self.manifest['embedding_dim']
+
+
+def read_manifest(cache_dir):
+  path = os.path.join(os.path.expanduser(cache_dir), MANIFEST)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{path} is unreadable ({e}); delete {cache_dir} and run precompute_features again') from None
+
+
+def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_features --config CONFIG') -> Cache:
+  """Memory-maps a finished cache and checks that its parts agree with each other."""
+  cache_dir = os.path.expanduser(cache_dir)
+  if os.path.isfile(cache_dir):
+    raise UserError(f'data.cache_dir: {cache_dir} is a file, not a cache directory')
+  manifest = read_manifest(cache_dir)
+  if manifest is None:
+    partial = ' (an interrupted run left ' + incomplete_dir(cache_dir) + ')' if os.path.exists(incomplete_dir(cache_dir)) else ''
+    raise UserError(f'no features cache at {cache_dir}{partial}; build it with: {precompute_hint}')
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise UserError(f'{cache_dir} has cache format {manifest.get("format_version")}, expected {FORMAT_VERSION}; '
+                    f'rebuild it: {precompute_hint} --overwrite')
+  try:
+    images = np.load(os.path.join(cache_dir, 'images.npy'), mmap_mode='r')
+    embeddings = np.load(os.path.join(cache_dir, 'embeddings.npy'), mmap_mode='r')
+  except (OSError, ValueError) as e:
+    raise UserError(f'{cache_dir} is damaged ({e}); rebuild it: {precompute_hint} --overwrite') from None
+  n, s, d = manifest['num_images'], manifest['image_size'], manifest['embedding_dim']
+  problems = []
+  if images.shape != (n, s, s, 3) or images.dtype != np.uint8:
+    problems.append(f'images.npy is {images.dtype}{images.shape}, manifest says uint8{(n, s, s, 3)}')
+  if embeddings.shape != (n, d) or embeddings.dtype != np.float32:
+    problems.append(f'embeddings.npy is {embeddings.dtype}{embeddings.shape}, manifest says float32{(n, d)}')
+  if len(manifest.get('files', [])) != n:
+    problems.append(f'manifest lists {len(manifest.get("files", []))} files for {n} rows')
+  if problems:
+    raise UserError(f'{cache_dir} is inconsistent: {problems[0]}; rebuild it: {precompute_hint} --overwrite')
+  return Cache(cache_dir, manifest, images, embeddings)
