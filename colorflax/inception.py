@@ -32,7 +32,7 @@ def to_device(model):
 
 def preprocess(images_uint8) -> torch.Tensor:
   """uint8 (B, S, S, 3) RGB, or (B, S, S) grayscale -> the (B, 3, 299, 299) network input."""
-  x = torch.as_tensor(np.asarray(images_uint8)).float() / 255.0
+  x = torch.from_numpy(np.array(images_uint8, np.float32)) / 255.0
   if x.ndim == 4:
     w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype)
     x = (x * w).sum(-1)

@@ -1,0 +1,277 @@
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from colorflax import features_cache, inception, precompute_features, synthetic
+from colorflax.errors import UserError
+from configs import quickstart
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(source, cache_dir, **over):
+  c = quickstart.get_config()
+  c.data.source = str(source)
+  c.data.cache_dir = str(cache_dir)
+  c.data.image_size = 32
+  c.data.synthetic_images = 12
+  c.features.batch_size = 4
+  c.features.num_workers = 1
+  c.features.calibration_images = 8
+  for key, value in over.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  return c
+
+
+def _colourful(seed, h=40, w=56):
+  return synthetic.landscape(seed, max(h, w))[:h, :w]
+
+
+@pytest.fixture(scope='module')
+def weights_pth(tmp_path_factory):
+  """A calibrated random Inception-v3 saved as a torchvision state_dict: the offline path."""
+  torch.manual_seed(0)
+  model = inception._architecture()
+  x = inception.preprocess(np.stack([_colourful(i, 32, 32) for i in range(4)]))
+  inception.calibrate(model, [x])
+  path = tmp_path_factory.mktemp('w') / 'inception.pth'
+  torch.save(model.state_dict(), path)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def mixed_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp('photos') / 'landscape Images' / 'color'
+  (root / 'sub dir').mkdir(parents=True)
+  Image.fromarray(_colourful(0)).save(root / 'a.jpg', quality=95)
+  Image.fromarray(_colourful(1)).save(root / 'sub dir' / 'b.png')
+  rgba = np.concatenate([_colourful(2), np.full((40, 56, 1), 128, np.uint8)], -1)
+  Image.fromarray(rgba, 'RGBA').save(root / 'c_rgba.png')
+  Image.fromarray(_colourful(3)).quantize(64).save(root / 'd_palette.png')
+  Image.fromarray(_colourful(4)).convert('CMYK').save(root / 'e_cmyk.jpg')
+  # EXIF orientation 6 (rotate 90° clockwise to display): a 40x56 file shown as 56x40.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(_colourful(5)).save(root / 'f_rotated.jpg', exif=exif)
+  sixteen = (np.linspace(0, 65535, 40 * 56).reshape(40, 56)).astype(np.uint16)
+  Image.fromarray(sixteen).save(root / 'g_16bit.png')
+  Image.fromarray(_colourful(6)).convert('L').save(root / 'h_gray.jpg')
+  good = io.BytesIO()
+  Image.fromarray(_colourful(7)).save(good, format='JPEG')
+  (root / 'i_truncated.jpg').write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+  (root / 'j_empty.png').write_bytes(b'')
+  (root / 'k_not_an_image.png').write_text('hello, I am text')
+  (root / 'notes.txt').write_text('not looked at')
+  return root
+
+
+def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(mixed_folder, weights_pth, tmp_path):
+  config = _config(mixed_folder, tmp_path / 'cache', **{'features.inception_weights': weights_pth})
+  precompute_features.precompute(config, progress=False)
+  cache = features_cache.open_cache(config.data.cache_dir)
+  m = cache.manifest
+  assert m['num_images'] == 6
+  assert m['files'] == ['a.jpg', 'c_rgba.png', 'd_palette.png', 'e_cmyk.jpg', 'f_rotated.jpg', 'sub dir/b.png']
+  reasons = {s['path']: s['reason'] for s in m['skipped']}
+  assert set(reasons) == {'g_16bit.png', 'h_gray.jpg', 'i_truncated.jpg', 'j_empty.png', 'k_not_an_image.png'}
+  assert reasons['g_16bit.png'].startswith('grayscale') and reasons['h_gray.jpg'].startswith('grayscale')
+  assert reasons['j_empty.png'] == 'empty file'
+  assert reasons['k_not_an_image.png'] == 'not an image'
+  assert reasons['i_truncated.jpg'].startswith('unreadable')
+  assert cache.images.shape == (6, 32, 32, 3) and cache.embeddings.shape == (6, 1000)
+  for key in ('num_images', 'image_size', 'resize', 'embedding_dim', 'embedding_kind', 'inception_weights',
+              'source', 'files', 'skipped', 'versions', 'fingerprint'):
+    assert key in m
+  assert m['inception_weights'] == f'file:{weights_pth}'
+
+  again = _config(mixed_folder, tmp_path / 'again', **{'features.inception_weights': weights_pth})
+  precompute_features.precompute(again, progress=False)
+  for name in ('images.npy', 'embeddings.npy', 'manifest.json'):
+    a = (tmp_path / 'cache' / name).read_bytes()
+    b = (tmp_path / 'again' / name).read_bytes()
+    assert a == b, name
+
+
+def test_exif_orientation_alpha_and_16bit_decoding(mixed_folder):
+  from colorflax import image_io
+  rotated = image_io.load_rgb(str(mixed_folder / 'f_rotated.jpg'))
+  assert rotated.size == (40, 56)  # (width, height) after applying orientation 6
+  rgba = np.asarray(image_io.load_rgb(str(mixed_folder / 'c_rgba.png')), np.float32)
+  original = _colourful(2).astype(np.float32)
+  np.testing.assert_allclose(rgba, original * 128 / 255 + 255 * 127 / 255, atol=1.5)  # over white
+  sixteen = np.asarray(image_io.load_rgb(str(mixed_folder / 'g_16bit.png')))
+  assert sixteen.dtype == np.uint8 and sixteen[0, 0, 0] == 0 and sixteen[-1, -1, 0] == 255
+
+
+def test_cached_embedding_equals_direct_torchvision_call(mixed_folder, weights_pth, tmp_path):
+  from torchvision.models import inception_v3
+  config = _config(mixed_folder, tmp_path / 'cache', **{'features.inception_weights': weights_pth,
+                                                          'features.kind': 'logits'})
+  precompute_features.precompute(config, progress=False)
+  cache = features_cache.open_cache(config.data.cache_dir)
+  net = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+  net.load_state_dict(torch.load(weights_pth, weights_only=True))
+  net = net.eval().to(memory_format=torch.channels_last)  # as precompute runs it (faster on CPU)
+  first_batch = np.array(cache.images[:config.features.batch_size])
+  with torch.inference_mode():
+    direct = net(inception.preprocess(first_batch).to(memory_format=torch.channels_last)).numpy()
+  np.testing.assert_allclose(np.asarray(cache.embeddings[:len(first_batch)]), direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind,dim', [('probs', 1000), ('pool', 2048)])
+def test_feature_kinds(weights_pth, tmp_path, kind, dim):
+  config = _config('synthetic', tmp_path / kind, **{'features.inception_weights': weights_pth,
+                                                     'features.kind': kind, 'data.synthetic_images': 4})
+  precompute_features.precompute(config, progress=False)
+  cache = features_cache.open_cache(config.data.cache_dir)
+  assert cache.embeddings.shape == (4, dim) and cache.embedding_dim == dim
+  if kind == 'probs':
+    np.testing.assert_allclose(np.asarray(cache.embeddings).sum(-1), 1.0, rtol=1e-4)
+  else:
+    assert np.asarray(cache.embeddings).min() >= 0  # post-ReLU average pool
+
+
+def test_random_weights_are_calibrated_to_a_sane_scale(tmp_path):
+  config = _config('synthetic', tmp_path / 'c', **{'features.inception_weights': 'random'})
+  precompute_features.precompute(config, progress=False)
+  cache = features_cache.open_cache(config.data.cache_dir)
+  e = np.asarray(cache.embeddings)
+  assert cache.manifest['inception_weights'] == 'random(seed=42)'
+  # Uncalibrated, these logits are ~1e11; a pretrained network's are O(1..10).
+  assert np.all(np.isfinite(e)) and np.abs(e).max() < 100
+  assert 0.1 < e.std() < 20
+  assert e.std(0).mean() > 1e-3  # images get different features
+
+
+def test_synthetic_source_is_deterministic_and_colourful(tmp_path):
+  a = synthetic.landscape(5, 48, seed=1)
+  assert np.array_equal(a, synthetic.landscape(5, 48, seed=1))
+  assert not np.array_equal(a, synthetic.landscape(6, 48, seed=1))
+  from colorflax import image_io
+  assert not image_io.is_grayscale(a)
+
+
+def _tiny_tfds(data_dir):
+  import tensorflow_datasets as tfds
+
+  class TinyLandscapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {'image': tfds.features.Image(shape=(None, None, 3)), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(5), 'test': self._generate_examples(3, offset=100)}
+
+    def _generate_examples(self, n, offset=0):
+      for i in range(n):
+        buf = io.BytesIO()  # pre-encoded: encoding arrays would need TensorFlow
+        Image.fromarray(_colourful(offset + i, 36, 44)).save(buf, format='PNG')
+        yield i, {'image': buf.getvalue(), 'label': i % 2}
+
+  builder = TinyLandscapes(data_dir=str(data_dir), file_format='array_record')
+  builder.download_and_prepare()
+  return builder.name
+
+
+def test_tfds_source(weights_pth, tmp_path):
+  name = _tiny_tfds(tmp_path / 'tfds')
+  config = _config(f'tfds:{name}:test', tmp_path / 'cache', **{'features.inception_weights': weights_pth,
+                                                                 'data.tfds_data_dir': str(tmp_path / 'tfds')})
+  precompute_features.precompute(config, progress=False)
+  cache = features_cache.open_cache(config.data.cache_dir)
+  assert cache.num_images == 3
+  assert cache.manifest['files'] == [f'tfds:{name}:test:{i}' for i in range(3)]
+  assert 'tensorflow' not in sys.modules
+
+
+def test_reuse_and_mismatch(weights_pth, tmp_path):
+  config = _config('synthetic', tmp_path / 'c', **{'features.inception_weights': weights_pth,
+                                                    'data.synthetic_images': 4})
+  precompute_features.precompute(config, progress=False)
+  before = os.stat(tmp_path / 'c' / 'images.npy').st_mtime_ns
+  precompute_features.precompute(config, progress=False)  # same settings: reused
+  assert os.stat(tmp_path / 'c' / 'images.npy').st_mtime_ns == before
+  config.data.image_size = 16
+  with pytest.raises(UserError, match='image_size 32 -> 16'):
+    precompute_features.precompute(config, progress=False)
+  assert features_cache.open_cache(tmp_path / 'c').image_size == 32  # untouched
+  precompute_features.precompute(config, overwrite=True, progress=False)
+  assert features_cache.open_cache(tmp_path / 'c').image_size == 16
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'colorflax.precompute_features', '--config',
+                         'configs/quickstart.py', *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'file').write_text('x')
+  cases = [
+      ([f'--config.data.source={tmp_path}/missing', f'--config.data.cache_dir={tmp_path}/c'], 'no such folder'),
+      ([f'--config.data.source={tmp_path}/empty', f'--config.data.cache_dir={tmp_path}/c'], 'no images'),
+      ([f'--config.data.cache_dir={tmp_path}/file'], 'is a file'),
+      (['--config.data.source=tfds:no_such_dataset_xyz', f'--config.data.cache_dir={tmp_path}/c'], 'tfds build'),
+  ]
+  for args, fragment in cases:
+    r = _run_cli(*args)
+    assert r.returncode == 2, (args, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+  assert (tmp_path / 'file').read_text() == 'x'
+
+
+def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
+  cache = tmp_path / 'cache'
+  args = [f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400', '--config.data.image_size=32',
+          '--config.features.batch_size=4', '--config.features.num_workers=1', '--config.features.calibration_images=4']
+  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
+                           *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  partial = features_cache.incomplete_dir(cache)
+  deadline = time.time() + 120
+  while time.time() < deadline:  # wait until rows are being written, then kill it hard
+    p = os.path.join(partial, 'embeddings.npy')
+    if os.path.exists(p) and os.path.getsize(p) > 128 + 4 * 1000 * 8:
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(partial) and not cache.exists()
+  with pytest.raises(UserError, match='interrupted run'):
+    features_cache.open_cache(cache)
+  r = _run_cli(*args[:1], '--config.data.synthetic_images=8', *args[2:])
+  assert r.returncode == 0, r.stderr
+  assert features_cache.open_cache(cache).num_images == 8 and not os.path.exists(partial)
+
+
+def test_writer_memory_stays_bounded(tmp_path):
+  # 1,500 rows of 256 px (295 MB) streamed through the writer: peak RSS must not follow the data.
+  code = f"""
+import resource, numpy as np
+from colorflax import features_cache
+w = features_cache.CacheWriter({str(tmp_path / 'big')!r}, 256, 1000)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+img = np.random.default_rng(0).integers(0, 255, (50, 256, 256, 3), dtype=np.uint8)
+for i in range(30):
+  w.append(img, np.zeros((50, 1000), np.float32), [str(i)] * 50)
+w.finish({{'image_size': 256, 'embedding_dim': 1000}})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  growth_mb = int(r.stdout.strip()) / 1024
+  assert growth_mb < 64, growth_mb
+  assert np.load(tmp_path / 'big' / 'images.npy', mmap_mode='r').shape == (1500, 256, 256, 3)
