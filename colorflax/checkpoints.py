@@ -93,3 +93,21 @@ def read_config(workdir):
     raise UserError(f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def train_item(state) -> dict:
+  """The part of a TrainState that only resuming needs."""
+  return {'step': state.step, 'opt_state': state.opt_state, 'plateau': state.plateau}
+
+
+def restore_train(mngr, state, step=None):
+  """(state restored from `step` (default: latest complete), meta); `state` gives structure and shardings."""
+  step = mngr.latest_step() if step is None else step
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(state.variables()),
+      train=ocp.args.StandardRestore(train_item(state)),
+      meta=ocp.args.JsonRestore()))
+  model, train = restored['model'], restored['train']
+  state = state.replace(step=train['step'], params=model['params'], batch_stats=model['batch_stats'],
+                        opt_state=train['opt_state'], plateau=train['plateau'])
+  return state, restored['meta']

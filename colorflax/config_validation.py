@@ -67,6 +67,18 @@ def validate(config):
     _require(config, key, lambda v: isinstance(v, (int, float)) and v >= 0, 'a number >= 0')
   _require(config, 'augment.flip_probability', lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
            'a probability in [0, 1]')
+  _require(config, 'augment.fill_mode', lambda v: v in ('nearest', 'constant'), "'nearest' or 'constant'")
+  _require(config, 'data.placement', lambda v: v in ('auto', 'resident', 'streaming'),
+           "'auto', 'resident' or 'streaming'")
+  _require(config, 'data.device_budget_fraction', lambda v: isinstance(v, (int, float)) and 0 < v <= 1, 'in (0, 1]')
+  _require(config, 'per_device_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  _require(config, 'eval_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = batch_size)')
+  _require(config, 'steps_per_dispatch', positive_int, 'a positive integer')
+  _require(config, 'scan_unroll', lambda v: v in ('auto', 'unroll', 'loop'), "'auto', 'unroll' or 'loop'")
+  _require(config, 'checkpoint_every_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  _require(config, 'keep_checkpoints', positive_int, 'a positive integer')
+  _require(config, 'samples_every_epochs', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  _require(config, 'num_samples', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'plateau.factor', lambda v: isinstance(v, (int, float)) and 0 < v < 1, 'in (0, 1)')
   _require(config, 'plateau.patience', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'plateau.cooldown', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')

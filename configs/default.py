@@ -37,7 +37,14 @@ def get_config():
   config.model.width = 1.0  # multiplies every hidden layer's channels; 1.0 is the seed
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
 
+  config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
+  config.data.device_budget_fraction = 0.5  # 'auto': at most this share of free device memory
+
   config.batch_size = 8  # global, over all devices
+  config.per_device_batch_size = 0  # if > 0: global batch = this x device count (batch_size ignored)
+  config.eval_batch_size = 0  # 0 = the training batch
+  config.steps_per_dispatch = 8  # optimizer steps per host dispatch (one lax.scan)
+  config.scan_unroll = 'auto'  # 'unroll' | 'loop' | 'auto' (unroll on CPU, where XLA loops are slow)
   config.num_epochs = 60
   config.learning_rate = 1e-3
 
@@ -45,6 +52,7 @@ def get_config():
   config.augment.rotation_degrees = 20.0
   config.augment.shear = 0.2
   config.augment.flip_probability = 0.5
+  config.augment.fill_mode = 'nearest'  # outside the warped image: 'nearest' edge | 'constant' black
 
   # torch.optim.lr_scheduler.ReduceLROnPlateau(mode='min', patience=10, factor=0.1), stepped
   # on the validation loss once per epoch.
@@ -54,5 +62,11 @@ def get_config():
   config.plateau.threshold = 1e-4  # relative, as torch's default threshold_mode='rel'
   config.plateau.cooldown = 0
   config.plateau.min_scale = 0.0
+
+  config.checkpoint_every_steps = 0  # also checkpoint mid-epoch every N steps (0 = epochs only)
+  config.keep_checkpoints = 3  # the latest K are kept, and the best by validation loss
+  config.samples_every_epochs = 5  # write DIR/samples/epoch_XXXX.png (and after the last epoch)
+  config.num_samples = 8  # validation images in the sample grid
+  config.distributed = False  # call jax.distributed.initialize() (multi-process runs)
 
   return config

@@ -1,0 +1,92 @@
+"""What a training run shows and leaves behind (process 0 only): a progress bar, one JSON line
+per epoch in DIR/metrics.jsonl, TensorBoard events (tensorboardX: no TensorFlow needed) and
+sample grids in DIR/samples/."""
+
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+MAX_PSNR = 100.0  # dB, for an exact match (the MSE would be 0)
+
+
+def psnr(a, b):
+  """Per-image PSNR (dB) of images in [0, 1], shape (B, H, W, C)."""
+  mse = jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
+  return jnp.minimum(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), MAX_PSNR)
+
+
+class _Progress:
+  def __init__(self, total, initial, enabled):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, initial=initial, unit='step', disable=not enabled, smoothing=0.05,
+                    dynamic_ncols=True, desc='train')
+    self.start, self.images = time.time(), 0
+
+  def update(self, steps, loss, images):
+    self.images += images
+    rate = self.images / max(time.time() - self.start, 1e-9)
+    self.bar.set_postfix(loss=f'{loss:.5f}', img_s=f'{rate:.1f}', refresh=False)
+    self.bar.update(steps)
+
+  def close(self):
+    self.bar.close()
+
+
+class Reporter:
+  def __init__(self, workdir, enabled=True):
+    self.workdir, self.enabled = workdir, enabled
+    self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+
+  def progress(self, total, initial, enabled=True):
+    return _Progress(total, initial, enabled and self.enabled)
+
+  def truncate_after(self, step):
+    """On resume: drop metric lines of epochs the restored checkpoint does not include."""
+    if not self.enabled or not os.path.exists(self.metrics_path):
+      return
+    with open(self.metrics_path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(self.metrics_path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(self.metrics_path + '.tmp', self.metrics_path)
+
+  def _writer(self):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(self.workdir, 'tensorboard'))
+    return self._tb
+
+  def epoch(self, metrics: dict):
+    if not self.enabled:
+      return
+    with open(self.metrics_path, 'a') as f:
+      f.write(json.dumps(metrics) + '\n')
+    tb = self._writer()
+    for key, value in metrics.items():
+      if key not in ('epoch', 'step'):
+        tb.add_scalar(key, value, metrics['step'])
+    tb.flush()
+    from tqdm import tqdm
+    tqdm.write(f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.5f} val_loss {metrics['val_loss']:.5f} "
+               f"val_psnr {metrics['val_psnr']:.2f} (gray {metrics['val_psnr_gray']:.2f}) lr {metrics['lr']:.2e} "
+               f"{metrics['images_per_sec']:.1f} img/s")
+
+  def samples(self, epoch, grid):
+    if not self.enabled or grid is None:
+      return
+    from PIL import Image
+    folder = os.path.join(self.workdir, 'samples')
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f'epoch_{epoch:04d}.png')
+    Image.fromarray(np.asarray(grid)).save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,365 @@
+"""`python -m colorflax.train --config CFG --workdir DIR`: the seed recipe on the accelerator.
+
+Data-parallel over every device: one `jax.jit` program over a 1-D `Mesh('data')`, the batch
+sharded and the state replicated. BatchNorm statistics are therefore those of the *global*
+batch (XLA reduces across devices), exactly as on one device with the same batch.
+
+One host dispatch runs `steps_per_dispatch` optimizer steps in a `lax.scan`; the losses stay
+on the device and are read one dispatch late, so the host never stalls the device. Every
+epoch: validation on the device, the plateau scheduler, metrics, a checkpoint.
+Randomness is a function of (seed, step) and data order of (seed, epoch), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
+from colorflax import model as model_lib
+from colorflax import reporting
+from colorflax.errors import UserError
+
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+
+# Changing these makes a checkpoint meaningless for this run; everything else may change on resume.
+RESUME_KEYS = ('seed', 'data.image_size', 'data.val_fraction', 'features.kind', 'model.width',
+               'model.dtype', 'batch_size', 'per_device_batch_size')
+
+
+class TrainingDiverged(UserError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  plateau: Any  # optax.contrib.reduce_on_plateau state, stepped on validation loss per epoch
+
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def make_optimizer(config):
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
+  # torch's ReduceLROnPlateau lowers the rate once more than `patience` epochs failed to
+  # improve; optax's once `patience` have: hence +1, so config.plateau means what torch means.
+  plateau = optax.contrib.reduce_on_plateau(
+      factor=config.plateau.factor, patience=config.plateau.patience + 1, rtol=config.plateau.threshold,
+      atol=0.0, cooldown=config.plateau.cooldown, min_scale=config.plateau.min_scale)
+  return tx, plateau
+
+
+def global_batch_size(config, num_devices):
+  batch = config.per_device_batch_size * num_devices if config.per_device_batch_size else config.batch_size
+  if batch % num_devices:
+    raise UserError(f'config.batch_size: {batch} does not split evenly over {num_devices} devices; '
+                    f'use a multiple of {num_devices} or set per_device_batch_size')
+  return batch
+
+
+def create_state(config, model, tx, plateau, image_size, replicated):
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, min(image_size, 64), min(image_size, 64), 1)),
+                           jnp.zeros((1, model.embedding_dim)), train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+                      plateau=plateau.init(variables['params']))
+  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+
+
+def scan_unroll(config) -> bool:
+  """XLA:CPU runs a while loop's body far slower than the same ops outside one (measured: 8.5 vs
+  0.3 s for the quickstart step), so on CPU the K steps are unrolled into straight-line code."""
+  if config.scan_unroll == 'auto':
+    return jax.devices()[0].platform == 'cpu'
+  return config.scan_unroll == 'unroll'
+
+
+def make_train_chunk(model, tx, config):
+  """jit(state, images, embeddings, idx (K, B)) -> (state, losses (K,)): K steps in one scan."""
+  base_key = jax.random.key(config.seed)
+  aug = config.augment
+  unroll = scan_unroll(config)
+
+  def chunk(state, images, embeddings, idx):
+    def one_step(state, idx_row):
+      key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
+      l_norm, ab_norm, _ = device_pipeline.lab_batch(images[idx_row], key, aug, train=True)
+      emb = embeddings[idx_row]
+
+      def loss_fn(params):
+        pred, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, l_norm, emb,
+                                    train=True, mutable=['batch_stats'])
+        return jnp.mean(jnp.square(pred - ab_norm)), updates['batch_stats']
+
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state), loss
+
+    return jax.lax.scan(one_step, state, idx, unroll=unroll)
+
+  return jax.jit(chunk, donate_argnums=(0,))
+
+
+def make_evaluate(model):
+  """jit(variables, images, embeddings, idx (B,), mask (B,)) -> per-batch sums of per-image metrics.
+
+  Called once per validation batch from Python (not a scan: see scan_unroll); the sums stay on
+  the device and are added up there, so the host reads one number per metric per epoch.
+  """
+
+  def evaluate(variables, images, embeddings, idx_row, m):
+    rgb_true = color.uint8_to_unit(images[idx_row])
+    l_norm, ab_norm = color.normalize_lab(color.rgb_to_lab(rgb_true))
+    pred = model.apply(variables, l_norm, embeddings[idx_row], train=False)
+    mse = jnp.mean(jnp.square(pred - ab_norm), axis=(1, 2, 3))
+    psnr = reporting.psnr(color.lab_norm_to_rgb(l_norm, pred), rgb_true)
+    psnr_gray = reporting.psnr(color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred)), rgb_true)
+    return {'loss': jnp.sum(mse * m), 'psnr': jnp.sum(psnr * m), 'psnr_gray': jnp.sum(psnr_gray * m)}
+
+  return jax.jit(evaluate)
+
+
+def make_predict(model):
+  return jax.jit(lambda variables, l_norm, emb: model.apply(variables, l_norm, emb, train=False))
+
+
+def plateau_step(plateau, base_lr):
+  """jit(state, val_loss) -> state with the plateau stepped and Adam's rate set from it."""
+
+  def update(state, val_loss):
+    _, new_plateau = plateau.update(updates={}, state=state.plateau, value=val_loss)
+    opt_state = state.opt_state
+    opt_state.hyperparams['learning_rate'] = jnp.asarray(base_lr * new_plateau.scale, jnp.float32)
+    return state.replace(plateau=new_plateau, opt_state=opt_state)
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+def _index_blocks(order, first_step, last_step, batch, k):
+  """(K, B) blocks of split indices for steps [first_step, last_step) of an epoch."""
+  s = first_step
+  while s < last_step:
+    n = min(k, last_step - s)
+    yield order[s * batch:(s + n) * batch].reshape(n, batch)
+    s += n
+
+
+def _eval_blocks(n, batch):
+  """Validation indices padded to whole batches, with a mask for the padding."""
+  m = -(-n // batch)
+  idx = np.zeros(m * batch, np.int32)
+  idx[:n] = np.arange(n)
+  mask = np.zeros(m * batch, np.float32)
+  mask[:n] = 1.0
+  return idx.reshape(m, batch), mask.reshape(m, batch)
+
+
+def check_cache(config, cache):
+  hint = f'python -m colorflax.precompute_features --config {_config_path_hint()} --config.data.cache_dir={config.data.cache_dir}'
+  want_dim = model_lib.EMBEDDING_DIMS[config.features.kind]
+  if cache.image_size != config.data.image_size:
+    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
+                    f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
+  if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
+    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} features '
+                    f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')
+
+
+def _config_path_hint():
+  try:
+    return flags.FLAGS['config'].config_filename
+  except Exception:  # called outside the CLI
+    return 'CONFIG'
+
+
+def check_resume_compatible(workdir, config):
+  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  old = checkpoints.read_config(workdir)
+  for key in RESUME_KEYS:
+    if config_validation.key_missing(old, key):
+      continue
+    a, b = config_validation._get(old, key), config_validation._get(config, key)
+    if a != b:
+      raise UserError(f'{workdir} was trained with {key}={a!r}, this config has {b!r}: '
+                      f'resume with the same value or use a new --workdir')
+
+
+def train_and_evaluate(config, workdir, progress=True):
+  """Trains (or resumes) in `workdir`; returns the final TrainState and the last epoch's metrics."""
+  if config.distributed:
+    jax.distributed.initialize()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  cache = features_cache.open_cache(
+      config.data.cache_dir, f'python -m colorflax.precompute_features --config {_config_path_hint()}')
+  check_cache(config, cache)
+  check_resume_compatible(workdir, config)
+
+  devices = jax.devices()
+  # Auto axes: XLA propagates the batch sharding through the gather, model and loss itself.
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  batch = global_batch_size(config, len(devices))
+  eval_batch = config.eval_batch_size or batch
+  if eval_batch % len(devices):
+    raise UserError(f'config.eval_batch_size: {eval_batch} does not split evenly over {len(devices)} devices')
+
+  train_rows, val_rows = device_pipeline.split_indices(cache.num_images, config.data.val_fraction, config.seed)
+  steps_per_epoch = len(train_rows) // batch
+  if steps_per_epoch == 0:
+    raise UserError(f'config.batch_size: {batch} is larger than the {len(train_rows)} training images')
+  total_steps = steps_per_epoch * config.num_epochs
+  nbytes = cache.images.nbytes + cache.embeddings.nbytes
+  mode = device_pipeline.decide_resident(config.data.placement, nbytes, config.data.device_budget_fraction)
+  train_data = device_pipeline.place(cache, train_rows, mesh, mode)
+  val_data = device_pipeline.place(cache, val_rows, mesh, mode)
+
+  model = model_lib.model_from_config(config)
+  tx, plateau = make_optimizer(config)
+  state = create_state(config, model, tx, plateau, config.data.image_size, replicated)
+
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state, meta = checkpoints.restore_train(mngr, state)
+    print(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
+  checkpoints.write_config(workdir, config)  # num_epochs etc. may have changed on resume
+  start_step = int(state.step)
+  report = reporting.Reporter(workdir, enabled=jax.process_index() == 0)
+  report.truncate_after(start_step)
+
+  train_chunk = make_train_chunk(model, tx, config)
+  evaluate = make_evaluate(model)
+  predict = make_predict(model)
+  step_plateau = plateau_step(plateau, config.learning_rate)
+  feeder = device_pipeline.Feeder(train_data, mesh)
+  val_feeder = device_pipeline.Feeder(val_data, mesh)
+  eval_idx, eval_mask = _eval_blocks(val_data.size, eval_batch)
+  eval_mask_dev = jax.make_array_from_callback(eval_mask.shape, NamedSharding(mesh, P(None, 'data')),
+                                               lambda i: eval_mask[i])
+  eval_mask_rows = [eval_mask_dev[i] for i in range(len(eval_mask))]
+  sample_rows = np.arange(min(config.num_samples, val_data.size))
+
+  def validate(state):
+    totals = {}
+    for i, (images, embeddings, idx) in enumerate(val_feeder.batches(eval_idx[:, None])):
+      sums = evaluate(state.variables(), images, embeddings, idx[0], eval_mask_rows[i])
+      totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+    return {k: float(v) / val_data.size for k, v in jax.device_get(totals).items()}
+
+  print(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
+        f'{len(val_rows)} val images, global batch {batch}, {steps_per_epoch} steps/epoch, data {mode}, '
+        f'steps {start_step}->{total_steps}')
+  run_start = time.time()
+  last = None
+  bar = report.progress(total=total_steps, initial=start_step, enabled=progress)
+  for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+    epoch_start, first = time.time(), start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
+    order = device_pipeline.epoch_order(len(train_rows), config.seed, epoch)
+    blocks = _index_blocks(order, first, steps_per_epoch, batch, config.steps_per_dispatch)
+    losses, pending, step_now = [], None, epoch * steps_per_epoch + first
+    for images, embeddings, idx in feeder.batches(blocks):
+      state, chunk_losses = train_chunk(state, images, embeddings, idx)
+      if pending is not None:  # read the previous dispatch while this one runs
+        _check_finite(pending, losses, bar, batch)
+      pending = (step_now, chunk_losses)
+      step_now += idx.shape[0]  # counted on the host: reading state.step would wait for the device
+      if (config.checkpoint_every_steps and step_now % config.checkpoint_every_steps == 0
+          and step_now % steps_per_epoch):
+        _check_finite(pending, losses, bar, batch)
+        pending = None
+        checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
+                         meta={'epoch': epoch, 'epoch_complete': False})
+    if pending is not None:
+      _check_finite(pending, losses, bar, batch)
+    train_seconds = time.time() - epoch_start
+    val = validate(state)
+    if not np.isfinite(val['loss']):
+      raise TrainingDiverged(f'validation loss is {val["loss"]} after epoch {epoch + 1} (step {step_now}); '
+                             f'stopping. The last good checkpoint (step {mngr.latest_step()}) is kept')
+    state = step_plateau(state, jnp.asarray(val['loss'], jnp.float32))
+    lr = float(state.opt_state.hyperparams['learning_rate'])
+    epoch_steps = steps_per_epoch - first
+    last = {
+        'epoch': epoch + 1, 'step': step_now, 'lr': lr,
+        'train_loss': float(np.mean(losses)) if losses else float('nan'),
+        'val_loss': val['loss'], 'val_psnr': val['psnr'], 'val_psnr_gray': val['psnr_gray'],
+        'images_per_sec': epoch_steps * batch / max(train_seconds, 1e-9),
+        'elapsed_sec': time.time() - run_start,
+    }
+    checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
+                     meta={'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last},
+                     metrics={'val_loss': val['loss']})
+    report.epoch(last)
+    if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
+      report.samples(epoch + 1, _sample_grid(state, predict, val_data, sample_rows))
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  report.close()
+  if last is not None:
+    print(f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR {last["val_psnr"]:.2f} dB '
+          f'(grayscale baseline {last["val_psnr_gray"]:.2f} dB), {time.time() - run_start:.0f}s')
+  return state, last
+
+
+def _check_finite(pending, losses, bar, batch):
+  first_step, chunk_losses = pending
+  values = np.asarray(jax.device_get(chunk_losses))
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise TrainingDiverged(f'loss became {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping. '
+                           f'The last good checkpoint is kept')
+  losses.extend(values.tolist())
+  bar.update(len(values), loss=float(values[-1]), images=len(values) * batch)
+
+
+def _sample_grid(state, predict, data, rows):
+  """grayscale | predicted | actual for fixed validation images, uint8 (3*S, n*S, 3)."""
+  if len(rows) == 0:
+    return None
+  images = np.asarray(data.host_images[data.rows[rows]])
+  emb = np.asarray(data.host_embeddings[data.rows[rows]], np.float32)
+  rgb = images.astype(np.float32) / 255.0
+  l_norm, _ = color.normalize_lab(color.rgb_to_lab(rgb))
+  pred = predict(jax.device_get(state.variables()), l_norm, emb)
+  gray = color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred))
+  colour = color.lab_norm_to_rgb(l_norm, pred)
+  rows_img = [np.concatenate(list(np.asarray(x)), axis=1) for x in (gray, colour, rgb)]
+  return (np.concatenate(rows_img, axis=0) * 255 + 0.5).astype(np.uint8)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _WORKDIR.value:
+    raise UserError('--workdir is required')
+  config = cli.load_config(_CONFIG)
+  train_and_evaluate(config, _WORKDIR.value, progress=True)
+
+
+def entry_point():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  entry_point()
