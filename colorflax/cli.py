@@ -14,9 +14,30 @@ from colorflax.errors import UserError
 EXIT_USAGE = 2
 
 
-def define_config_flag(default=None, required=True):
-  return config_flags.DEFINE_config_file(
-      'config', default, 'Path to a config file, e.g. configs/quickstart.py.', lock_config=True)
+def _existing(name):
+  # Entry-point modules define their flags at import; importing several of them into one
+  # process (tests, notebooks) must not fail on the second definition.
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return None
+
+
+def _define(name, define, *args, **kwargs):
+  holder = _existing(name)
+  return holder if holder is not None else define(name, *args, **kwargs)
+
+
+def define_config_flag(default=None):
+  return _define('config', config_flags.DEFINE_config_file, default,
+                 'Path to a config file, e.g. configs/quickstart.py.', lock_config=True)
+
+
+def define_string(name, default, help_text):
+  return _define(name, flags.DEFINE_string, default, help_text)
+
+
+def define_bool(name, default, help_text):
+  return _define(name, flags.DEFINE_bool, default, help_text)
 
 
 def fail(message: str, code: int = EXIT_USAGE):

@@ -3,14 +3,13 @@ orbax checkpoint that `colorflax.evaluate` and `colorflax.colorize` read like a 
 
 import os
 
-from absl import flags
 
 from colorflax import checkpoints, cli
 from configs import default
 from colorflax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the checkpoint into.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint already in --workdir.')
+_WORKDIR = cli.define_string('workdir', None, 'Directory to write the checkpoint into.')
+_OVERWRITE = cli.define_bool('overwrite', False, 'Replace a checkpoint already in --workdir.')
 
 
 def convert(pth_path, workdir, overwrite=False):

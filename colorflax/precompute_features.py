@@ -11,14 +11,13 @@ import sys
 import time
 
 import numpy as np
-from absl import flags
 
 from colorflax import cli, features_cache, sources
 from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
 _CONFIG = cli.define_config_flag()
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild the cache even if a matching one exists.')
+_OVERWRITE = cli.define_bool('overwrite', False, 'Rebuild the cache even if a matching one exists.')
 
 
 def requested_settings(config, source) -> dict:

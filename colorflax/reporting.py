@@ -4,6 +4,7 @@ sample grids in DIR/samples/."""
 
 import json
 import os
+import sys
 import time
 
 import jax.numpy as jnp
@@ -16,6 +17,24 @@ def psnr(a, b):
   """Per-image PSNR (dB) of images in [0, 1], shape (B, H, W, C)."""
   mse = jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
   return jnp.minimum(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), MAX_PSNR)
+
+
+def _summary_writer(logdir):
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed (only to accept torch tensors), which
+  would pull PyTorch into the JAX training process. A None entry in sys.modules makes that
+  optional import fail as if torch were absent; it is removed again straight after.
+  """
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return SummaryWriter(logdir)
 
 
 class _Progress:
@@ -58,8 +77,7 @@ class Reporter:
 
   def _writer(self):
     if self._tb is None:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(self.workdir, 'tensorboard'))
+      self._tb = _summary_writer(os.path.join(self.workdir, 'tensorboard'))
     return self._tb
 
   def epoch(self, metrics: dict):

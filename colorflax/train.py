@@ -31,7 +31,7 @@ from colorflax import reporting
 from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_WORKDIR = cli.define_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 
 # Changing these makes a checkpoint meaningless for this run; everything else may change on resume.
 RESUME_KEYS = ('seed', 'data.image_size', 'data.val_fraction', 'features.kind', 'model.width',
@@ -215,6 +215,10 @@ def train_and_evaluate(config, workdir, progress=True):
   check_resume_compatible(workdir, config)
 
   devices = jax.devices()
+  if config.num_devices:
+    if config.num_devices > len(devices):
+      raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
+    devices = devices[:config.num_devices]
   # Auto axes: XLA propagates the batch sharding through the gather, model and loss itself.
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))

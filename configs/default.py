@@ -40,6 +40,7 @@ def get_config():
   config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
   config.data.device_budget_fraction = 0.5  # 'auto': at most this share of free device memory
 
+  config.num_devices = 0  # use the first N devices of each process (0 = all of them)
   config.batch_size = 8  # global, over all devices
   config.per_device_batch_size = 0  # if > 0: global batch = this x device count (batch_size ignored)
   config.eval_batch_size = 0  # 0 = the training batch

@@ -1,0 +1,200 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from colorflax import checkpoints, features_cache, precompute_features, train
+from colorflax.errors import UserError
+from configs import quickstart
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(cache_dir, **over):
+  c = quickstart.get_config()
+  c.data.cache_dir = str(cache_dir)
+  c.data.synthetic_images = 48
+  c.data.image_size = 32
+  c.features.batch_size = 16
+  c.features.num_workers = 1
+  c.features.calibration_images = 16
+  c.model.width = 0.125
+  c.batch_size = 8
+  c.steps_per_dispatch = 2
+  c.num_epochs = 2
+  c.samples_every_epochs = 1
+  c.num_samples = 4
+  for key, value in over.items():
+    node = c
+    *path, name = key.split('.')
+    for p in path:
+      node = node[p]
+    node[name] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('cache') / 'synthetic32'
+  precompute_features.precompute(small_config(d), progress=False)
+  return d
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.variables()))]
+
+
+def _assert_same_params(a, b, tol=1e-6):
+  for x, y in zip(_params(a), _params(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=tol)
+
+
+def test_outputs_and_metrics(cache_dir, tmp_path):
+  work = tmp_path / 'run'
+  state, last = train.train_and_evaluate(small_config(cache_dir), str(work), progress=False)
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['epoch'] for l in lines] == [1, 2]
+  for key in ('epoch', 'step', 'lr', 'train_loss', 'val_loss', 'val_psnr', 'val_psnr_gray',
+              'images_per_sec', 'elapsed_sec'):
+    assert key in lines[-1]
+  assert lines[-1]['step'] == 2 * (36 // 8) == int(state.step)
+  assert (work / 'samples' / 'epoch_0002.png').exists()
+  from PIL import Image
+  assert Image.open(work / 'samples' / 'epoch_0002.png').size == (4 * 32, 3 * 32)
+  assert any(f.startswith('events') for f in os.listdir(work / 'tensorboard'))
+  assert json.loads((work / 'config.json').read_text())['data']['image_size'] == 32
+  variables, meta, step = checkpoints.restore_model(work, 'latest')
+  assert step == lines[-1]['step'] and meta['epoch'] == 2
+
+
+def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
+  full, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(tmp_path / 'a'), progress=False)
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1), str(tmp_path / 'b'), progress=False)
+  resumed, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(tmp_path / 'b'), progress=False)
+  _assert_same_params(full, resumed)
+  a = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+  b = [json.loads(l) for l in (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['val_loss'] for x in a] == pytest.approx([x['val_loss'] for x in b], rel=1e-6)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch):
+  config = small_config(cache_dir, num_epochs=2, checkpoint_every_steps=2)
+  full, _ = train.train_and_evaluate(config, str(tmp_path / 'a'), progress=False)
+
+  real_save = checkpoints.save
+
+  def crash_after_mid_epoch_save(mngr, step, **kw):
+    real_save(mngr, step, **kw)
+    if step == 6:  # epoch 2 runs steps 4..8: a crash right after its mid-epoch checkpoint
+      mngr.wait_until_finished()
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoints, 'save', crash_after_mid_epoch_save)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
+  monkeypatch.setattr(checkpoints, 'save', real_save)
+  assert checkpoints.manager(tmp_path / 'b', read_only=True).latest_step() == 6
+  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
+  _assert_same_params(full, resumed)
+
+
+def test_four_devices_match_one(cache_dir, tmp_path):
+  assert jax.device_count() == 4
+  one, _ = train.train_and_evaluate(small_config(cache_dir, num_devices=1), str(tmp_path / 'one'), progress=False)
+  four, _ = train.train_and_evaluate(small_config(cache_dir, num_devices=4), str(tmp_path / 'four'), progress=False)
+  a = [json.loads(l) for l in (tmp_path / 'one' / 'metrics.jsonl').read_text().splitlines()]
+  b = [json.loads(l) for l in (tmp_path / 'four' / 'metrics.jsonl').read_text().splitlines()]
+  for x, y in zip(a, b):
+    for key in ('train_loss', 'val_loss'):
+      assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x[key], y[key])
+  _assert_same_params(one, four, tol=1e-4)
+
+
+def test_streaming_and_resident_train_identically(cache_dir, tmp_path):
+  a, _ = train.train_and_evaluate(small_config(cache_dir, **{'data.placement': 'resident'}), str(tmp_path / 'r'),
+                                  progress=False)
+  b, _ = train.train_and_evaluate(small_config(cache_dir, **{'data.placement': 'streaming'}), str(tmp_path / 's'),
+                                  progress=False)
+  _assert_same_params(a, b)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
+  bad_cache = tmp_path / 'bad'
+  shutil.copytree(cache_dir, bad_cache)
+  work = str(tmp_path / 'run')
+  train.train_and_evaluate(small_config(bad_cache, num_epochs=1), work, progress=False)
+  good = checkpoints.manager(work, read_only=True).latest_step()
+  emb = np.load(bad_cache / 'embeddings.npy', mmap_mode='r+')
+  emb[:] = np.nan
+  emb.flush()
+  del emb
+  with pytest.raises(train.TrainingDiverged, match=r'loss became nan at step \d+'):
+    train.train_and_evaluate(small_config(bad_cache, num_epochs=2), work, progress=False)
+  assert checkpoints.manager(work, read_only=True).latest_step() == good
+
+
+def test_cut_off_checkpoint_is_ignored(cache_dir, tmp_path):
+  work = tmp_path / 'run'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1), str(work), progress=False)
+  ckpt = work / 'checkpoints'
+  good = checkpoints.manager(work, read_only=True).latest_step()
+  partial = ckpt / f'{good + 100}.orbax-checkpoint-tmp-1234567'  # what a write killed midway leaves
+  shutil.copytree(ckpt / str(good), partial)
+  shutil.rmtree(partial / 'train')
+  assert checkpoints.manager(work, read_only=True).latest_step() == good
+  _, meta, step = checkpoints.restore_model(work, 'latest')
+  assert step == good
+  state, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=2), str(work), progress=False)
+  assert int(state.step) == 2 * 4
+
+
+def test_incompatible_resume_and_bad_cache_are_clear_errors(cache_dir, tmp_path):
+  work = str(tmp_path / 'run')
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1), work, progress=False)
+  with pytest.raises(UserError, match='model.width'):
+    train.train_and_evaluate(small_config(cache_dir, **{'model.width': 0.25}), work, progress=False)
+  with pytest.raises(UserError, match='precompute_features'):
+    train.train_and_evaluate(small_config(tmp_path / 'nowhere'), str(tmp_path / 'x'), progress=False)
+  with pytest.raises(UserError, match='holds 32px images'):
+    train.train_and_evaluate(small_config(cache_dir, **{'data.image_size': 64}), str(tmp_path / 'y'), progress=False)
+  with pytest.raises(UserError, match='pool'):
+    train.train_and_evaluate(small_config(cache_dir, **{'features.kind': 'pool'}), str(tmp_path / 'z'), progress=False)
+
+
+@pytest.mark.parametrize('cooldown', [0, 2])
+def test_plateau_matches_torch_reduce_lr_on_plateau(cooldown):
+  c = quickstart.get_config()
+  c.plateau.patience, c.plateau.cooldown, c.plateau.factor = 2, cooldown, 0.5
+  tx, plateau = train.make_optimizer(c)
+  step = jax.jit(lambda s, v: plateau.update(updates={}, state=s, value=v)[1])
+  state = plateau.init({})
+  opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=c.learning_rate)
+  sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=2, cooldown=cooldown,
+                                                     threshold=c.plateau.threshold)
+  rng = np.random.default_rng(0)
+  losses = list(np.linspace(1, 0.5, 5)) + [0.5] * 8 + list(0.5 + rng.random(10) * 0.1) + [0.3, 0.3, 0.3, 0.29999]
+  for v in losses:
+    state = step(state, np.float32(v))
+    sched.step(float(np.float32(v)))
+    assert c.learning_rate * float(state.scale) == pytest.approx(opt.param_groups[0]['lr'], rel=1e-6)
+
+
+def test_training_process_never_imports_torch(cache_dir, tmp_path):
+  config = small_config(cache_dir, num_epochs=1)
+  code = f"""
+import sys, ml_collections
+from colorflax import train
+config = ml_collections.ConfigDict({config.to_dict()!r})
+train.train_and_evaluate(config, {str(tmp_path / 'w')!r}, progress=False)
+assert 'torch' not in sys.modules, 'torch was imported'
+print('ok')
+"""
+  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-2000:]
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'w' / 'tensorboard'))
