@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
@@ -173,7 +172,7 @@ def _eval_blocks(n, batch):
 
 
 def check_cache(config, cache):
-  hint = f'python -m colorflax.precompute_features --config {_config_path_hint()} --config.data.cache_dir={config.data.cache_dir}'
+  hint = precompute_command()
   want_dim = model_lib.EMBEDDING_DIMS[config.features.kind]
   if cache.image_size != config.data.image_size:
     raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
@@ -183,11 +182,15 @@ def check_cache(config, cache):
                     f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')
 
 
-def _config_path_hint():
-  try:
-    return flags.FLAGS['config'].config_filename
-  except Exception:  # called outside the CLI
-    return 'CONFIG'
+def precompute_command():
+  """The precompute command for this run's config (its --config arguments, as given)."""
+  args, argv = [], sys.argv[1:] if _CONFIG.present else []
+  for i, a in enumerate(argv):
+    if a.startswith('--config'):
+      args.append(a)
+      if a == '--config' and i + 1 < len(argv):
+        args.append(argv[i + 1])
+  return ' '.join(['python -m colorflax.precompute_features'] + (args or ['--config CONFIG']))
 
 
 def check_resume_compatible(workdir, config):
@@ -209,8 +212,7 @@ def train_and_evaluate(config, workdir, progress=True):
   if config.distributed:
     jax.distributed.initialize()
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  cache = features_cache.open_cache(
-      config.data.cache_dir, f'python -m colorflax.precompute_features --config {_config_path_hint()}')
+  cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
   check_cache(config, cache)
   check_resume_compatible(workdir, config)
 

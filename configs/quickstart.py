@@ -14,7 +14,7 @@ def get_config():
   config.features.inception_weights = 'random'  # works offline; use 'imagenet' for real photos
   config.model.width = 0.25
   config.batch_size = 32
-  config.num_epochs = 8
+  config.num_epochs = 15
   config.steps_per_dispatch = 4  # 28 steps/epoch: 7 equal dispatches, one compilation
   config.plateau.patience = 2
   return config
