@@ -33,7 +33,8 @@ def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bo
   ])
   options = ocp.CheckpointManagerOptions(
       best_fn=lambda m: m['val_loss'], best_mode='min', preservation_policy=preservation,
-      enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only)
+      enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only,
+      save_interval_steps=0 if read_only else 1)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('model', 'train', 'meta'))
 

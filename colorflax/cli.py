@@ -40,6 +40,10 @@ def define_bool(name, default, help_text):
   return _define(name, flags.DEFINE_bool, default, help_text)
 
 
+def define_integer(name, default, help_text):
+  return _define(name, flags.DEFINE_integer, default, help_text)
+
+
 def fail(message: str, code: int = EXIT_USAGE):
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
   print(f'{prog}: error: {message}', file=sys.stderr)
@@ -79,6 +83,24 @@ def load_config(holder):
   except (OSError, SyntaxError, ImportError) as e:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     raise UserError(f'--config: {lines[-1] if lines else e}') from None
+  return config_validation.validate(config)
+
+
+def default_config_path():
+  import configs
+  return os.path.join(os.path.dirname(configs.__file__), 'default.py')
+
+
+def load_workdir_config(holder, workdir):
+  """A workdir's recorded config, with this command line's --config.x=... overrides applied."""
+  from colorflax import checkpoints
+  config = checkpoints.read_config(workdir)
+  for key, value in config_flags.get_override_values(flags.FLAGS['config']).items():
+    node = config
+    *path, name = key.split('.')
+    for part in path:
+      node = node[part]
+    node[name] = value
   return config_validation.validate(config)
 
 

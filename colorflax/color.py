@@ -42,7 +42,7 @@ def rgb_to_lab(rgb):
   return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
 
 
-def lab_to_rgb(lab):
+def lab_to_rgb(lab, clip=True):
   """L*a*b* (..., 3) -> sRGB in [0, 1] (out-of-gamut colours are clipped, as skimage does)."""
   lab = jnp.asarray(lab, jnp.float32)
   l, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
@@ -55,7 +55,26 @@ def lab_to_rgb(lab):
   rgb = jnp.where(linear > 0.0031308,
                   1.055 * jnp.maximum(linear, 0.0031308) ** (1.0 / 2.4) - 0.055,
                   12.92 * linear)
-  return jnp.clip(rgb, 0.0, 1.0)
+  return jnp.clip(rgb, 0.0, 1.0) if clip else rgb
+
+
+def fit_ab_to_gamut(l, ab, iterations=12):
+  """Scales each pixel's (a, b) towards 0 just enough that (L, a, b) is inside the sRGB gamut.
+
+  Clipping RGB (what `lab_to_rgb` does) changes a saturated pixel's lightness; reducing its
+  chroma instead keeps L and hue exactly. l: (..., 1) in [0, 100], ab: (..., 2). Bisection.
+  """
+  def inside(scale):
+    rgb = lab_to_rgb(jnp.concatenate([l, ab * scale], axis=-1), clip=False)
+    return jnp.all((rgb >= -1e-4) & (rgb <= 1.0 + 1e-4), axis=-1, keepdims=True)
+
+  ok = inside(1.0)
+  lo, hi = jnp.zeros_like(l), jnp.ones_like(l)
+  for _ in range(iterations):
+    mid = (lo + hi) / 2
+    good = inside(mid)
+    lo, hi = jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+  return ab * jnp.where(ok, 1.0, lo)
 
 
 def rgb_to_gray(rgb):

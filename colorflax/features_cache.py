@@ -18,6 +18,7 @@ import shutil
 import numpy as np
 
 from colorflax.errors import UserError
+from colorflax.model import EMBEDDING_DIMS
 
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
@@ -169,3 +170,14 @@ def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_featur
   if problems:
     raise UserError(f'{cache_dir} is inconsistent: {problems[0]}; rebuild it: {precompute_hint} --overwrite')
   return Cache(cache_dir, manifest, images, embeddings)
+
+
+def check_matches_config(cache, config, hint='python -m colorflax.precompute_features --config CONFIG'):
+  """A cache built for another image size or feature kind than `config` asks for: one clear line."""
+  want_dim = EMBEDDING_DIMS[config.features.kind]
+  if cache.image_size != config.data.image_size:
+    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
+                    f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
+  if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
+    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} features '
+                    f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')

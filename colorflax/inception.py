@@ -19,6 +19,7 @@ from colorflax.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 299
+CALIBRATION_FILE = 'inception_batchnorm.pth'  # calibrated statistics of 'random' weights
 
 
 def device():
@@ -105,6 +106,40 @@ def calibrate(model, batches):
   for bn in bns:
     bn.momentum = 0.1
   return model.eval()
+
+
+def save_batchnorm_stats(model, path):
+  """The BatchNorm running statistics (a few hundred KB), which calibration changed."""
+  stats = {k: v.detach().cpu() for k, v in model.state_dict().items()
+           if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))}
+  torch.save(stats, path)
+
+
+def load_for_cache(manifest, cache_dir, override=None):
+  """The network a cache's features came from (or `override`), ready in eval mode.
+
+  'random(seed=S)' weights are rebuilt from their seed plus the statistics saved beside the cache.
+  """
+  recorded = manifest.get('inception_weights', '') if manifest else ''
+  if override and override != 'auto':
+    weights, seed = override, 0
+  elif recorded.startswith('imagenet'):
+    weights, seed = 'imagenet', 0
+  elif recorded.startswith('file:'):
+    weights, seed = recorded[len('file:'):], 0
+  elif recorded.startswith('random(seed='):
+    weights, seed = 'random', int(recorded[len('random(seed='):-1])
+  else:
+    weights, seed = override or 'imagenet', 0
+  model, used = load_model(weights, seed=seed)
+  if used.startswith('random'):
+    stats_file = manifest.get('inception_calibration') if manifest else None
+    if not stats_file or not cache_dir or not os.path.isfile(os.path.join(cache_dir, stats_file)):
+      raise UserError('the features came from calibrated random Inception weights whose statistics are '
+                      'not available; pass --config.features.inception_weights=PATH.pth or imagenet')
+    stats = torch.load(os.path.join(cache_dir, stats_file), map_location='cpu', weights_only=True)
+    model.load_state_dict(stats, strict=False)
+  return to_device(model.eval()), used
 
 
 @torch.inference_mode()

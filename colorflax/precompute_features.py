@@ -95,6 +95,8 @@ def precompute(config, overwrite=False, progress=True):
     if needs_calibration and (len(pending) >= calibration_target or final) and pending:
       calibration = [inception.preprocess(np.stack(b)) for b in _batches(pending[:calibration_target], bs)]
       inception.calibrate(model, calibration)
+      # Colorization must see the same network: keep its calibrated statistics with the cache.
+      inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
       needs_calibration = False
     if needs_calibration:
       return
@@ -137,6 +139,7 @@ def precompute(config, overwrite=False, progress=True):
       'embedding_dim': dim,
       'embedding_kind': config.features.kind,
       'inception_weights': weights_used,
+      'inception_calibration': inception.CALIBRATION_FILE if weights_used.startswith('random') else None,
       'skipped': skipped,
       'fingerprint': fp,
       'settings': settings,

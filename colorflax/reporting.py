@@ -7,17 +7,7 @@ import os
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
-
-MAX_PSNR = 100.0  # dB, for an exact match (the MSE would be 0)
-
-
-def psnr(a, b):
-  """Per-image PSNR (dB) of images in [0, 1], shape (B, H, W, C)."""
-  mse = jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
-  return jnp.minimum(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), MAX_PSNR)
-
 
 def _summary_writer(logdir):
   """tensorboardX's SummaryWriter, imported without torch.

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
 from colorflax import model as model_lib
-from colorflax import reporting
+from colorflax import metrics, reporting
 from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -129,8 +129,8 @@ def make_evaluate(model):
     l_norm, ab_norm = color.normalize_lab(color.rgb_to_lab(rgb_true))
     pred = model.apply(variables, l_norm, embeddings[idx_row], train=False)
     mse = jnp.mean(jnp.square(pred - ab_norm), axis=(1, 2, 3))
-    psnr = reporting.psnr(color.lab_norm_to_rgb(l_norm, pred), rgb_true)
-    psnr_gray = reporting.psnr(color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred)), rgb_true)
+    psnr = metrics.psnr(color.lab_norm_to_rgb(l_norm, pred), rgb_true)
+    psnr_gray = metrics.psnr(color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred)), rgb_true)
     return {'loss': jnp.sum(mse * m), 'psnr': jnp.sum(psnr * m), 'psnr_gray': jnp.sum(psnr_gray * m)}
 
   return jax.jit(evaluate)
@@ -171,17 +171,6 @@ def _eval_blocks(n, batch):
   return idx.reshape(m, batch), mask.reshape(m, batch)
 
 
-def check_cache(config, cache):
-  hint = precompute_command()
-  want_dim = model_lib.EMBEDDING_DIMS[config.features.kind]
-  if cache.image_size != config.data.image_size:
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
-                    f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
-  if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} features '
-                    f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')
-
-
 def precompute_command():
   """The precompute command for this run's config (its --config arguments, as given)."""
   args, argv = [], sys.argv[1:] if _CONFIG.present else []
@@ -213,7 +202,7 @@ def train_and_evaluate(config, workdir, progress=True):
     jax.distributed.initialize()
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
-  check_cache(config, cache)
+  features_cache.check_matches_config(cache, config, precompute_command())
   check_resume_compatible(workdir, config)
 
   devices = jax.devices()

@@ -1,0 +1,177 @@
+"""`python -m colorflax.colorize --workdir DIR --output OUTDIR INPUT...`: colour for real photos.
+
+Each image (grayscale, or colour converted to grayscale first) is shrunk to the model's working
+size, which gives the model its L input and Inception its feature (computed here, in torch,
+with the settings the training cache recorded). The predicted ab is upsampled to the original
+resolution and recombined with the original full-resolution L, so the output keeps the input's
+size and detail; chroma is reduced where needed to stay inside the sRGB gamut, so L is kept.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from colorflax import checkpoints, cli, color, features_cache, image_io
+from colorflax.errors import UserError
+
+_CONFIG = cli.define_config_flag(default=cli.default_config_path())
+_WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
+_OUTPUT = cli.define_string('output', None, 'Folder for the colorized PNGs (created if needed).')
+_CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
+_SIZE = cli.define_integer('size', 0, 'Working resolution (multiple of 8); 0 = the training image size.')
+
+
+def expand_inputs(inputs):
+  """[(path, output name)] for files and folders (recursively), in order, without duplicates."""
+  found, seen = [], set()
+  for item in inputs:
+    path = os.path.abspath(os.path.expanduser(item))
+    if os.path.isdir(path):
+      for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+          if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, os.path.dirname(path))
+            found.append((full, os.path.splitext(rel)[0] + '.png'))
+    elif os.path.isfile(path):
+      found.append((path, os.path.splitext(os.path.basename(path))[0] + '.png'))
+    else:
+      found.append((path, None))  # reported as a failure, like an unreadable file
+  unique = []
+  for path, out in found:
+    if path not in seen:
+      seen.add(path)
+      unique.append((path, out))
+  return unique
+
+
+def _full_res_gray(path):
+  """(full-resolution grayscale in [0,1] (H, W), its L* (H, W)) from any image file."""
+  rgb = np.asarray(image_io.load_rgb(path), np.float32) / 255.0
+  gray = np.asarray(color.rgb_to_gray(rgb))
+  l = np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, axis=-1))[..., 0])
+  return gray, l
+
+
+class Colorizer:
+  """Model + Inception for one workdir; `__call__(paths)` -> list of (uint8 RGB or None, error)."""
+
+  def __init__(self, workdir, config, which='best', size=0):
+    import jax
+    from colorflax import inception
+    from colorflax.evaluate import restore_for_eval
+
+    self.size = size or config.data.image_size
+    if self.size <= 0 or self.size % 8:
+      raise UserError(f'--size must be a positive multiple of 8, got {self.size}')
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+    self.model, self.variables, self.step = restore_for_eval(workdir, config, which, mesh)
+    cache_dir = os.path.expanduser(config.data.cache_dir)
+    manifest = features_cache.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+    override = config.features.inception_weights if _CONFIG.present and _override_given('features.inception_weights') \
+        else None
+    if manifest is None and override is None:
+      override = config.features.inception_weights  # convert_torch workdirs: the recorded default
+    self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, override)
+    self.kind = config.features.kind
+    self.resize = config.data.resize
+    self._predict = jax.jit(lambda v, l, e: self.model.apply(v, l, e, train=False))
+
+  def colorize_batch(self, grays):
+    """Full-res grayscale images (list of (H, W)) -> predicted ab/128 at the working size."""
+    from colorflax import inception
+    small = np.stack([np.asarray(image_io.resize(Image.fromarray((g * 255 + 0.5).astype(np.uint8)), self.size,
+                                                 self.resize), np.uint8) for g in grays])
+    emb = inception.embed(self.inception, inception.preprocess(small), self.kind)
+    l_small = np.asarray(color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0))[..., :1]
+    return np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb))
+
+
+def recombine(l_full, ab_small):
+  """Full-res L (H, W) + working-size ab/128 (S, S, 2) -> uint8 RGB (H, W, 3) at full size."""
+  h, w = l_full.shape
+  ab = np.stack([np.asarray(Image.fromarray(ab_small[..., c].astype(np.float32), 'F').resize((w, h), Image.Resampling.BILINEAR))
+                 for c in range(2)], axis=-1) * color.AB_SCALE
+  l = l_full[..., None].astype(np.float32)
+  ab = np.asarray(color.fit_ab_to_gamut(l, ab))
+  rgb = np.asarray(color.lab_to_rgb(np.concatenate([l, ab], axis=-1)))
+  return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def _override_given(key):
+  from absl import flags
+  from ml_collections import config_flags
+  return key in config_flags.get_override_values(flags.FLAGS['config'])
+
+
+def colorize(workdir, config, inputs, output, which='best', size=0, batch_size=8, progress=True):
+  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)])."""
+  from tqdm import tqdm
+
+  items = expand_inputs(inputs)
+  if not items:
+    raise UserError('no input images given')
+  output = os.path.abspath(os.path.expanduser(output))
+  input_paths = {p for p, _ in items}
+  colorizer = Colorizer(workdir, config, which, size)
+  written, failed = [], []
+  batch = []
+
+  def flush():
+    if not batch:
+      return
+    ab = colorizer.colorize_batch([g for _, _, g, _ in batch])
+    for (path, out, _, l_full), ab_small in zip(batch, ab):
+      rgb = recombine(l_full, ab_small)
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      Image.fromarray(rgb).save(out + '.tmp.png')
+      os.replace(out + '.tmp.png', out)
+      written.append(out)
+    batch.clear()
+
+  for path, name in tqdm(items, desc='colorize', unit='img', disable=not progress):
+    if name is None:
+      failed.append((path, 'no such file or folder'))
+      continue
+    out = os.path.join(output, name)
+    if os.path.abspath(out) in input_paths:
+      failed.append((path, f'refusing to overwrite an input: {out}'))
+      continue
+    try:
+      if os.path.getsize(path) == 0:
+        raise image_io.SkipImage('empty file')
+      gray, l_full = _full_res_gray(path)
+    except (image_io.SkipImage, OSError) as e:
+      failed.append((path, str(e)))
+      continue
+    batch.append((path, out, gray, l_full))
+    if len(batch) >= batch_size:
+      flush()
+  flush()
+  return written, failed
+
+
+def main(argv):
+  if not _WORKDIR.value:
+    raise UserError('--workdir is required')
+  if not _OUTPUT.value:
+    raise UserError('--output is required')
+  if len(argv) < 2:
+    raise UserError('give at least one input image or folder')
+  config = cli.load_workdir_config(_CONFIG, _WORKDIR.value)
+  written, failed = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value)
+  for path, reason in failed:
+    print(f'skipped {path}: {reason}')
+  print(f'colorized {len(written)} image(s) into {_OUTPUT.value}' + (f'; {len(failed)} failed' if failed else ''))
+  return 1 if failed else 0
+
+
+def entry_point():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  entry_point()

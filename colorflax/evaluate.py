@@ -1,0 +1,168 @@
+"""`python -m colorflax.evaluate --workdir DIR`: metrics of a checkpoint, model vs grayscale.
+
+Every metric is computed for the model's colorization *and* for the grayscale baseline
+(a = b = 0), over RGB images rebuilt from each image's own L and the predicted ab:
+mse (normalised ab), psnr (mean, std), ssim, colourfulness (Hasler–Süsstrunk) of predictions
+and of the ground truth, and the AuC of the per-pixel ab error curve (thresholds 0-150).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from colorflax import checkpoints, cli, color, device_pipeline, features_cache, metrics
+from colorflax import model as model_lib
+from colorflax.errors import UserError
+
+# Only for --config.x=... overrides of the workdir's recorded config (--config itself is not needed).
+_CONFIG = cli.define_config_flag(default=cli.default_config_path())
+_WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
+_CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
+_SPLIT = cli.define_string('split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.")
+_JSON = cli.define_string('json', None, 'Also write the metrics to this JSON file.')
+_SAMPLES = cli.define_integer('samples', 0, 'Write a grid of N images: grayscale | predicted | actual.')
+
+
+def per_image_metrics(model):
+  """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,)."""
+
+  def fn(variables, images, embeddings):
+    rgb = color.uint8_to_unit(images)
+    lab = color.rgb_to_lab(rgb)
+    l_norm, ab_norm = color.normalize_lab(lab)
+    pred = model.apply(variables, l_norm, embeddings, train=False)
+    out = {'mse': jnp.mean(jnp.square(pred - ab_norm), axis=(1, 2, 3)),
+           'mse_gray': jnp.mean(jnp.square(ab_norm), axis=(1, 2, 3)),
+           'colorfulness_true': metrics.colorfulness(rgb)}
+    for name, ab in (('', pred), ('_gray', jnp.zeros_like(pred))):
+      rebuilt = color.lab_norm_to_rgb(l_norm, ab)
+      out['psnr' + name] = metrics.psnr(rebuilt, rgb)
+      out['ssim' + name] = metrics.ssim(rebuilt, rgb)
+      out['auc' + name] = metrics.ab_error_auc(ab * color.AB_SCALE, lab[..., 1:])
+      out['colorfulness' + name] = metrics.colorfulness(rebuilt)
+    return out
+
+  return jax.jit(fn)
+
+
+def summarize(per_image: dict) -> dict:
+  m = {k: np.asarray(v, np.float64) for k, v in per_image.items()}
+  out = {'num_images': int(len(m['mse']))}
+  for key in ('mse', 'mse_gray', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'auc', 'auc_gray',
+              'colorfulness', 'colorfulness_gray', 'colorfulness_true'):
+    out[key] = float(m[key].mean())
+  out['psnr_std'] = float(m['psnr'].std())
+  out['psnr_gray_std'] = float(m['psnr_gray'].std())
+  out['delta_colorfulness'] = out['colorfulness'] - out['colorfulness_true']
+  return out
+
+
+def restore_for_eval(workdir, config, which, mesh):
+  """Variables restored onto the present devices (replicated), whatever the training layout."""
+  model = model_lib.model_from_config(config)
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0), 8))
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+  variables, meta, step = checkpoints.restore_model(workdir, which, target)
+  return model, variables, step
+
+
+def split_rows(cache, config, split):
+  train_rows, val_rows = device_pipeline.split_indices(cache.num_images, config.data.val_fraction, config.seed)
+  if split == 'val':
+    return val_rows
+  if split == 'train':
+    return train_rows
+  if split == 'all':
+    return np.arange(cache.num_images)
+  raise UserError(f"--split must be 'val', 'train' or 'all', got {split!r}")
+
+
+def evaluate(workdir, config, which='best', split='val', batch_size=None, samples=0):
+  """(metrics dict, sample grid or None) for a checkpoint of `workdir` on `config`'s cache."""
+  cache = features_cache.open_cache(config.data.cache_dir)
+  features_cache.check_matches_config(cache, config)
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  model, variables, step = restore_for_eval(workdir, config, which, mesh)
+  rows = split_rows(cache, config, split)
+  batch = batch_size or max(config.eval_batch_size, config.batch_size)
+  batch = -(-batch // len(devices)) * len(devices)
+  fn = per_image_metrics(model)
+  sharded = NamedSharding(mesh, P('data'))
+  from tqdm import tqdm
+  results = []
+  for start in tqdm(range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False):
+    chunk = rows[start:start + batch]
+    n = len(chunk)
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n)])  # static shapes
+    images = jax.device_put(np.asarray(cache.images[padded]), sharded)
+    embeddings = jax.device_put(np.asarray(cache.embeddings[padded], np.float32), sharded)
+    out = fn(variables, images, embeddings)
+    results.append((n, out))  # fetched after the loop: no per-batch synchronisation
+  per_image = {}
+  for n, out in results:
+    for k, v in jax.device_get(out).items():
+      per_image.setdefault(k, []).append(np.asarray(v)[:n])
+  summary = summarize({k: np.concatenate(v) for k, v in per_image.items()})
+  summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
+  grid = sample_grid(model, variables, cache, rows[:samples]) if samples else None
+  return summary, grid
+
+
+def sample_grid(model, variables, cache, rows):
+  """grayscale | predicted | actual, one column per image: uint8 (3*S, n*S, 3)."""
+  images = np.asarray(cache.images[rows])
+  emb = np.asarray(cache.embeddings[rows], np.float32)
+  rgb = images.astype(np.float32) / 255.0
+  l_norm, _ = color.normalize_lab(color.rgb_to_lab(rgb))
+  pred = jax.jit(lambda v, l, e: model.apply(v, l, e, train=False))(variables, l_norm, emb)
+  gray = color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred))
+  colour = color.lab_norm_to_rgb(l_norm, pred)
+  strips = [np.concatenate(list(np.asarray(x)), axis=1) for x in (gray, colour, rgb)]
+  return (np.concatenate(strips, axis=0) * 255 + 0.5).astype(np.uint8)
+
+
+def format_table(m):
+  rows = [('MSE (ab/128)', m['mse'], m['mse_gray'], '{:.5f}'),
+          ('PSNR (dB)', m['psnr'], m['psnr_gray'], '{:.2f}'),
+          ('SSIM', m['ssim'], m['ssim_gray'], '{:.4f}'),
+          ('AuC ab error 0-150', m['auc'], m['auc_gray'], '{:.4f}'),
+          ('colourfulness', m['colorfulness'], m['colorfulness_gray'], '{:.2f}')]
+  lines = [f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images",
+           f"{'metric':<22}{'model':>10}{'grayscale':>12}"]
+  lines += [f'{name:<22}{fmt.format(a):>10}{fmt.format(b):>12}' for name, a, b, fmt in rows]
+  lines.append(f"{'colourfulness (truth)':<22}{m['colorfulness_true']:>10.2f}   "
+               f"delta {m['delta_colorfulness']:+.2f}")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _WORKDIR.value:
+    raise UserError('--workdir is required')
+  config = cli.load_workdir_config(_CONFIG, _WORKDIR.value)
+  summary, grid = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
+  print(format_table(summary))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(summary, f, indent=2)
+  if grid is not None:
+    from PIL import Image
+    path = os.path.join(_WORKDIR.value, 'samples', f'eval_step_{summary["checkpoint_step"]:07d}.png')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    print(f'samples: {path}')
+
+
+def entry_point():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  entry_point()

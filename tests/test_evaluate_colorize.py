@@ -1,0 +1,176 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import color as skcolor
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from colorflax import checkpoints, colorize, evaluate, metrics, precompute_features, synthetic, train
+from colorflax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+from test_train import small_config  # noqa: E402
+
+
+def _photos(size=96):
+  out = []
+  for name in ('astronaut', 'coffee', 'chelsea'):
+    img = Image.fromarray(getattr(skdata, name)()).resize((size, size), Image.Resampling.BOX)
+    out.append(np.asarray(img, np.float32) / 255.0)
+  return np.stack(out)
+
+
+def test_psnr_and_ssim_match_scikit_image():
+  truth = _photos()
+  noisy = np.clip(truth + np.random.default_rng(0).normal(0, 0.05, truth.shape), 0, 1).astype(np.float32)
+  ours_psnr = np.asarray(metrics.psnr(jnp.asarray(noisy), jnp.asarray(truth)))
+  ours_ssim = np.asarray(metrics.ssim(jnp.asarray(noisy), jnp.asarray(truth)))
+  for i in range(len(truth)):
+    assert ours_psnr[i] == pytest.approx(peak_signal_noise_ratio(truth[i], noisy[i], data_range=1.0), abs=1e-3)
+    ref = structural_similarity(truth[i], noisy[i], data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                sigma=1.5, use_sample_covariance=False)
+    assert ours_ssim[i] == pytest.approx(ref, abs=2e-3)
+
+
+def test_colorfulness_matches_direct_numpy():
+  photos = _photos()
+  ours = np.asarray(metrics.colorfulness(jnp.asarray(photos)))
+  for i, img in enumerate(photos.astype(np.float64) * 255):
+    rg = img[..., 0] - img[..., 1]
+    yb = 0.5 * (img[..., 0] + img[..., 1]) - img[..., 2]
+    ref = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    assert ours[i] == pytest.approx(ref, rel=1e-4)
+  gray = np.repeat(photos.mean(-1, keepdims=True), 3, -1)
+  assert np.allclose(np.asarray(metrics.colorfulness(jnp.asarray(gray))), 0, atol=1e-3)
+
+
+def test_auc_of_ab_error_curve():
+  lab = skcolor.rgb2lab(_photos()).astype(np.float32)
+  ab = lab[..., 1:]
+  assert np.allclose(np.asarray(metrics.ab_error_auc(jnp.asarray(ab), jnp.asarray(ab))), 1.0)
+  shifted = ab + np.array([30.3, 40.4], np.float32)  # every pixel 50.5 units off: within t iff t >= 51
+  expected = np.trapezoid((np.arange(151) >= 51).astype(float), np.arange(151)) / 150
+  assert np.allclose(np.asarray(metrics.ab_error_auc(jnp.asarray(shifted), jnp.asarray(ab))), expected, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp('trained')
+  cache = root / 'cache'
+  config = small_config(cache, num_epochs=3)
+  precompute_features.precompute(config, progress=False)
+  train.train_and_evaluate(config, str(root / 'run'), progress=False)
+  return root, config
+
+
+def test_evaluate_reports_model_and_baseline(trained):
+  root, config = trained
+  summary, grid = evaluate.evaluate(str(root / 'run'), config, 'best', 'val', samples=3)
+  for key in ('num_images', 'mse', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'colorfulness', 'colorfulness_true',
+              'delta_colorfulness', 'auc', 'auc_gray', 'checkpoint_step'):
+    assert key in summary
+  assert summary['num_images'] == 12
+  assert summary['colorfulness_gray'] == pytest.approx(0.0, abs=0.01)  # float32 Lab->RGB; real images: 10-100
+  last = json.loads((root / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
+  best = checkpoints.manager(root / 'run', read_only=True).best_step()
+  assert summary['checkpoint_step'] == best
+  if best == last['step']:  # the same split, the same numbers as training's validation
+    assert summary['psnr'] == pytest.approx(last['val_psnr'], abs=1e-3)
+    assert summary['psnr_gray'] == pytest.approx(last['val_psnr_gray'], abs=1e-3)
+  assert grid.shape == (3 * 32, 3 * 32, 3)
+  everything, _ = evaluate.evaluate(str(root / 'run'), config, 'latest', 'all')
+  assert everything['num_images'] == 48
+
+
+def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
+  root, config = trained
+  out = tmp_path / 'm.json'
+  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=latest',
+                      f'--json={out}', '--samples=2'], cwd=REPO, capture_output=True, text=True,
+                     env={**os.environ, 'XLA_FLAGS': ''})  # trained on 4 devices, restored onto 1
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(out.read_text())['num_images'] == 12
+  assert 'grayscale' in r.stdout
+  bad = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=12345'],
+                       cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode == 2 and 'no checkpoint at step 12345' in bad.stderr
+
+
+def _inputs(folder):
+  folder.mkdir()
+  land = synthetic.landscape(777, 160)
+  Image.fromarray(land).resize((75, 43)).save(folder / 'odd_landscape.jpg', quality=95)
+  Image.fromarray(land).convert('L').resize((41, 90)).save(folder / 'portrait_gray.png')
+  (folder / 'broken.jpg').write_bytes(b'\xff\xd8 not really')
+  return folder
+
+
+def _assert_colorized(inputs, outputs):
+  for name in ('odd_landscape', 'portrait_gray'):
+    src = Image.open(next(inputs.glob(name + '.*')))
+    out = Image.open(outputs / (name + '.png'))
+    assert out.size == src.size
+    gray = skcolor.rgb2gray(np.asarray(src.convert('RGB'), np.float64) / 255.0)
+    l_in = skcolor.rgb2lab(np.repeat(gray[..., None], 3, -1))[..., 0]
+    l_out = skcolor.rgb2lab(np.asarray(out, np.float64) / 255.0)[..., 0]
+    assert np.abs(l_in - l_out).max() <= 1.0  # uint8 rounding of the output
+
+
+def test_colorize_keeps_size_and_lightness(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  assert len(written) == 2 and [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
+  _assert_colorized(inputs, tmp_path / 'out' / 'in')
+  colourful = np.asarray(Image.open(tmp_path / 'out' / 'in' / 'odd_landscape.png'), np.float32) / 255.0
+  assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
+
+
+def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
+  root, _ = trained
+  inputs = _inputs(tmp_path / 'in')
+  before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={root}/run', f'--output={tmp_path}',
+                      str(inputs / 'odd_landscape.jpg'), str(inputs / 'broken.jpg'), str(inputs)],
+                     cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 1, r.stderr[-2000:]  # broken.jpg failed
+  assert 'broken.jpg' in r.stdout
+  assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+  # Writing into the inputs' own folder would clobber odd.png-style inputs: refused per file.
+  png_in = tmp_path / 'pngs'
+  png_in.mkdir()
+  Image.fromarray(synthetic.landscape(1, 48)).save(png_in / 'a.png')
+  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={root}/run', f'--output={png_in}',
+                      str(png_in / 'a.png')], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 1 and 'refusing to overwrite' in r.stdout
+  assert np.array_equal(np.asarray(Image.open(png_in / 'a.png')), synthetic.landscape(1, 48))
+
+
+def test_colorize_a_convert_torch_checkpoint(tmp_path):
+  from colorflax import inception
+  from colorflax.reference import EncDec
+  torch.manual_seed(0)
+  pth = tmp_path / 'seed.pth'
+  torch.save(EncDec().state_dict(), pth)
+  weights = tmp_path / 'inception.pth'  # offline stand-in for ImageNet weights
+  torch.save(inception._architecture().state_dict(), weights)
+  r = subprocess.run([sys.executable, '-m', 'colorflax.convert_torch', str(pth), f'--workdir={tmp_path}/seed'],
+                     cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  config = checkpoints.read_config(tmp_path / 'seed')
+  inputs = _inputs(tmp_path / 'in')
+  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={tmp_path}/seed', f'--output={tmp_path}/out',
+                      '--size=64', f'--config.features.inception_weights={weights}',
+                      str(inputs / 'odd_landscape.jpg'), str(inputs / 'portrait_gray.png')],
+                     cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  _assert_colorized(inputs, tmp_path / 'out')
