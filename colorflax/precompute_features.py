@@ -5,6 +5,7 @@ Decoding and resizing run in worker processes; the main process batches the resu
 Inception (CUDA when present, else every CPU core) and streams rows into the cache.
 """
 
+import collections
 import multiprocessing
 import os
 import sys
@@ -106,22 +107,36 @@ def precompute(config, overwrite=False, progress=True):
       writer.append(imgs, inception.embed(model, inception.preprocess(imgs), config.features.kind), ids)
 
   workers = config.features.num_workers or os.cpu_count() or 1
-  work = [(source, i, config.data.image_size, config.data.resize, config.data.skip_grayscale,
-           config.data.max_image_pixels) for i in range(len(source.ids))]
+  settings_for_workers = (source, config.data.image_size, config.data.resize, config.data.skip_grayscale,
+                          config.data.max_image_pixels)
+  n = len(source.ids)
   start = time.time()
   ctx = multiprocessing.get_context('spawn')  # no fork after torch has started its threads
   try:
-    with ctx.Pool(workers) as pool, tqdm(total=len(work), unit='img', disable=not progress,
-                                         desc='precompute', smoothing=0.1) as bar:
-      for i, image, reason in pool.imap(_prepare, work, chunksize=4):
-        if reason is not None:
-          skipped.append({'path': source.ids[i], 'reason': reason})
-        else:
-          pending.append(image)
-          pending_ids.append(source.ids[i])
-          flush()
-        bar.update(1)
+    # The source (with its list of ids) goes to each worker once; tasks are index ranges. At
+    # most `in_flight` ranges are outstanding: Inception is the slower side, and an unbounded
+    # queue of decoded images would grow with the dataset.
+    with ctx.Pool(workers, initializer=_init_worker, initargs=settings_for_workers) as pool, \
+        tqdm(total=n, unit='img', disable=not progress, desc='precompute', smoothing=0.1) as bar:
+      chunk, in_flight, outstanding = 16, 4 * workers, collections.deque()
+
+      def consume(result):
+        for i, image, reason in result.get():
+          if reason is not None:
+            skipped.append({'path': source.ids[i], 'reason': reason})
+          else:
+            pending.append(image)
+            pending_ids.append(source.ids[i])
+            flush()
+          bar.update(1)
         bar.set_postfix(skipped=len(skipped), refresh=False)
+
+      for begin in range(0, n, chunk):
+        outstanding.append(pool.apply_async(_prepare_range, (begin, min(begin + chunk, n))))
+        if len(outstanding) >= in_flight:
+          consume(outstanding.popleft())
+      while outstanding:
+        consume(outstanding.popleft())
       flush(final=True)
   except BaseException:
     writer.abort()
@@ -129,7 +144,7 @@ def precompute(config, overwrite=False, progress=True):
   if writer.images.rows == 0:
     writer.abort()
     reasons = sorted({s['reason'] for s in skipped})
-    raise UserError(f'data.source: none of the {len(work)} images could be used ({"; ".join(reasons)[:200]})')
+    raise UserError(f'data.source: none of the {n} images could be used ({"; ".join(reasons)[:200]})')
 
   import PIL
   manifest = {
@@ -150,12 +165,21 @@ def precompute(config, overwrite=False, progress=True):
   n = writer.images.rows
   print(f'cached {n} images ({len(skipped)} skipped) at {config.data.image_size}px with '
         f'{config.features.kind} features [{weights_used}] in {cache_dir}: '
-        f'{elapsed:.1f}s, {len(work) / max(elapsed, 1e-9):.1f} img/s')
+        f'{elapsed:.1f}s, {n / max(elapsed, 1e-9):.1f} img/s')
   return cache_dir
 
 
-def _prepare(args):
-  return sources.prepare_item(*args)
+_WORKER_SETTINGS = None
+
+
+def _init_worker(*settings):
+  global _WORKER_SETTINGS
+  _WORKER_SETTINGS = settings
+
+
+def _prepare_range(begin, end):
+  source, *rest = _WORKER_SETTINGS
+  return [sources.prepare_item(source, i, *rest) for i in range(begin, end)]
 
 
 def main(argv):

@@ -268,7 +268,8 @@ def train_and_evaluate(config, workdir, progress=True):
   last = None
   bar = report.progress(total=total_steps, initial=start_step, enabled=progress)
   for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-    epoch_start, first = time.time(), start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
+    epoch_start = time.time()
+    first = max(start_step - epoch * steps_per_epoch, 0)  # > 0 only when resuming mid-epoch
     order = device_pipeline.epoch_order(len(train_rows), config.seed, epoch)
     blocks = _index_blocks(order, first, steps_per_epoch, batch, config.steps_per_dispatch)
     losses, pending, step_now = [], None, epoch * steps_per_epoch + first
@@ -278,8 +279,8 @@ def train_and_evaluate(config, workdir, progress=True):
         _check_finite(pending, losses, bar, batch)
       pending = (step_now, chunk_losses)
       step_now += idx.shape[0]  # counted on the host: reading state.step would wait for the device
-      if (config.checkpoint_every_steps and step_now % config.checkpoint_every_steps == 0
-          and step_now % steps_per_epoch):
+      every = config.checkpoint_every_steps
+      if every and step_now // every > (step_now - idx.shape[0]) // every and step_now % steps_per_epoch:
         _check_finite(pending, losses, bar, batch)
         pending = None
         checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),

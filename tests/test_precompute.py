@@ -275,3 +275,33 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
   growth_mb = int(r.stdout.strip()) / 1024
   assert growth_mb < 64, growth_mb
   assert np.load(tmp_path / 'big' / 'images.npy', mmap_mode='r').shape == (1500, 256, 256, 3)
+
+
+def test_too_large_images_and_keeping_grayscale(tmp_path, weights_pth):
+  root = tmp_path / 'imgs'
+  root.mkdir()
+  Image.fromarray(_colourful(0, 64, 64)).save(root / 'big.png')
+  Image.fromarray(_colourful(1, 20, 20)).save(root / 'small.png')
+  Image.fromarray(_colourful(2, 20, 20)).convert('L').save(root / 'gray.png')
+  config = _config(root, tmp_path / 'c', **{'features.inception_weights': weights_pth,
+                                             'data.max_image_pixels': 1000, 'data.skip_grayscale': False})
+  precompute_features.precompute(config, progress=False)
+  m = features_cache.open_cache(config.data.cache_dir).manifest
+  assert m['files'] == ['gray.png', 'small.png']
+  assert [s['path'] for s in m['skipped']] == ['big.png']
+  assert m['skipped'][0]['reason'].startswith('too large to decode safely')
+
+
+def test_auto_weights_fall_back_to_random_loudly(tmp_path, monkeypatch, capsys):
+  import torchvision.models
+
+  def offline(*args, **kwargs):
+    raise OSError('<urlopen error [Errno -2] Name or service not known>')
+
+  monkeypatch.setattr(inception, 'inception_v3', lambda weights=None, **kw: offline() if weights else
+                      torchvision.models.inception_v3(weights=None, **kw))
+  model, used = inception.load_model('auto', seed=3)
+  assert used == 'random(seed=3)'
+  assert 'RANDOM weights' in capsys.readouterr().err
+  with pytest.raises(UserError, match='could not load torchvision IMAGENET1K_V1'):
+    inception.load_model('imagenet')

@@ -84,7 +84,9 @@ def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
 
 
 def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch):
-  config = small_config(cache_dir, num_epochs=2, checkpoint_every_steps=2)
+  # Dispatches of 2 steps end at 2, 4, 6, 8; a checkpoint is due whenever one crosses a multiple
+  # of 5, so at 6 (4 and 8 end epochs, which always checkpoint).
+  config = small_config(cache_dir, num_epochs=2, checkpoint_every_steps=5)
   full, _ = train.train_and_evaluate(config, str(tmp_path / 'a'), progress=False)
 
   real_save = checkpoints.save
