@@ -35,8 +35,16 @@ def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bo
       best_fn=lambda m: m['val_loss'], best_mode='min', preservation_policy=preservation,
       enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only,
       save_interval_steps=0 if read_only else 1)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('model', 'train', 'meta'))
+  if not read_only:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta'))
+  # Readers (evaluate, colorize) open read-only; orbax warns about that on every open.
+  from absl import logging
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta'))
+  finally:
+    logging.set_verbosity(level)
 
 
 def save(mngr, step: int, *, model, meta: dict, train=None, metrics=None):
@@ -112,3 +120,17 @@ def restore_train(mngr, state, step=None):
   state = state.replace(step=train['step'], params=model['params'], batch_stats=model['batch_stats'],
                         opt_state=train['opt_state'], plateau=train['plateau'])
   return state, restored['meta']
+
+
+def restore_for_inference(workdir, config, which, mesh):
+  """(model, variables, step): the model `config` describes, its variables from `workdir`
+  restored replicated onto `mesh`, whatever device layout the checkpoint was written from."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from colorflax import model as model_lib
+  model = model_lib.model_from_config(config)
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0), 8))
+  replicated = NamedSharding(mesh, P())
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+  variables, _, step = restore_model(workdir, which, target)
+  return model, variables, step

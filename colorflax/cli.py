@@ -91,11 +91,16 @@ def default_config_path():
   return os.path.join(os.path.dirname(configs.__file__), 'default.py')
 
 
-def load_workdir_config(holder, workdir):
+def override_values() -> dict:
+  """{'a.b': value} for each --config.a.b=value given on this command line."""
+  return config_flags.get_override_values(flags.FLAGS['config'])
+
+
+def load_workdir_config(workdir):
   """A workdir's recorded config, with this command line's --config.x=... overrides applied."""
   from colorflax import checkpoints
   config = checkpoints.read_config(workdir)
-  for key, value in config_flags.get_override_values(flags.FLAGS['config']).items():
+  for key, value in override_values().items():
     node = config
     *path, name = key.split('.')
     for part in path:

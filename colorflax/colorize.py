@@ -15,7 +15,7 @@ from PIL import Image
 from colorflax import checkpoints, cli, color, features_cache, image_io
 from colorflax.errors import UserError
 
-_CONFIG = cli.define_config_flag(default=cli.default_config_path())
+cli.define_config_flag(default=cli.default_config_path())  # only for --config.x=... overrides
 _WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
 _OUTPUT = cli.define_string('output', None, 'Folder for the colorized PNGs (created if needed).')
 _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
@@ -58,24 +58,23 @@ def _full_res_gray(path):
 class Colorizer:
   """Model + Inception for one workdir; `__call__(paths)` -> list of (uint8 RGB or None, error)."""
 
-  def __init__(self, workdir, config, which='best', size=0):
+  def __init__(self, workdir, config, which='best', size=0, inception_weights=None):
     import jax
     from colorflax import inception
-    from colorflax.evaluate import restore_for_eval
 
     self.size = size or config.data.image_size
     if self.size <= 0 or self.size % 8:
       raise UserError(f'--size must be a positive multiple of 8, got {self.size}')
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
-    self.model, self.variables, self.step = restore_for_eval(workdir, config, which, mesh)
+    self.model, self.variables, self.step = checkpoints.restore_for_inference(workdir, config, which, mesh)
+    # The features the model was trained on: the training cache's record, unless overridden.
+    # A convert_torch workdir has no cache: its config says the seed's (ImageNet logits).
     cache_dir = os.path.expanduser(config.data.cache_dir)
     manifest = features_cache.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
-    override = config.features.inception_weights if _CONFIG.present and _override_given('features.inception_weights') \
-        else None
-    if manifest is None and override is None:
-      override = config.features.inception_weights  # convert_torch workdirs: the recorded default
-    self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, override)
+    if manifest is None and inception_weights is None:
+      inception_weights = config.features.inception_weights
+    self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
     self.kind = config.features.kind
     self.resize = config.data.resize
     self._predict = jax.jit(lambda v, l, e: self.model.apply(v, l, e, train=False))
@@ -101,14 +100,11 @@ def recombine(l_full, ab_small):
   return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def _override_given(key):
-  from absl import flags
-  from ml_collections import config_flags
-  return key in config_flags.get_override_values(flags.FLAGS['config'])
+def colorize(workdir, config, inputs, output, which='best', size=0, inception_weights=None, batch_size=8,
+             progress=True):
+  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)]).
 
-
-def colorize(workdir, config, inputs, output, which='best', size=0, batch_size=8, progress=True):
-  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)])."""
+  `inception_weights` overrides the features' recorded weights (None: use the record)."""
   from tqdm import tqdm
 
   items = expand_inputs(inputs)
@@ -116,7 +112,7 @@ def colorize(workdir, config, inputs, output, which='best', size=0, batch_size=8
     raise UserError('no input images given')
   output = os.path.abspath(os.path.expanduser(output))
   input_paths = {p for p, _ in items}
-  colorizer = Colorizer(workdir, config, which, size)
+  colorizer = Colorizer(workdir, config, which, size, inception_weights)
   written, failed = [], []
   batch = []
 
@@ -161,8 +157,10 @@ def main(argv):
     raise UserError('--output is required')
   if len(argv) < 2:
     raise UserError('give at least one input image or folder')
-  config = cli.load_workdir_config(_CONFIG, _WORKDIR.value)
-  written, failed = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value)
+  config = cli.load_workdir_config(_WORKDIR.value)
+  overridden = 'features.inception_weights' in cli.override_values()
+  written, failed = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value,
+                             config.features.inception_weights if overridden else None)
   for path, reason in failed:
     print(f'skipped {path}: {reason}')
   print(f'colorized {len(written)} image(s) into {_OUTPUT.value}' + (f'; {len(failed)} failed' if failed else ''))

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from colorflax import checkpoints, cli, color, device_pipeline, features_cache, metrics
-from colorflax import model as model_lib
+from colorflax import checkpoints, cli, color, device_pipeline, features_cache, metrics, reporting
 from colorflax.errors import UserError
 
 # Only for --config.x=... overrides of the workdir's recorded config (--config itself is not needed).
-_CONFIG = cli.define_config_flag(default=cli.default_config_path())
+cli.define_config_flag(default=cli.default_config_path())
 _WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
 _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
 _SPLIT = cli.define_string('split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.")
@@ -61,16 +60,6 @@ def summarize(per_image: dict) -> dict:
   return out
 
 
-def restore_for_eval(workdir, config, which, mesh):
-  """Variables restored onto the present devices (replicated), whatever the training layout."""
-  model = model_lib.model_from_config(config)
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0), 8))
-  replicated = NamedSharding(mesh, P())
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-  variables, meta, step = checkpoints.restore_model(workdir, which, target)
-  return model, variables, step
-
-
 def split_rows(cache, config, split):
   train_rows, val_rows = device_pipeline.split_indices(cache.num_images, config.data.val_fraction, config.seed)
   if split == 'val':
@@ -88,7 +77,7 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   features_cache.check_matches_config(cache, config)
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
-  model, variables, step = restore_for_eval(workdir, config, which, mesh)
+  model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
   rows = split_rows(cache, config, split)
   batch = batch_size or max(config.eval_batch_size, config.batch_size)
   batch = -(-batch // len(devices)) * len(devices)
@@ -110,21 +99,11 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
       per_image.setdefault(k, []).append(np.asarray(v)[:n])
   summary = summarize({k: np.concatenate(v) for k, v in per_image.items()})
   summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
-  grid = sample_grid(model, variables, cache, rows[:samples]) if samples else None
+  grid = None
+  if samples:
+    predict = jax.jit(lambda v, l, e: model.apply(v, l, e, train=False))
+    grid = reporting.sample_grid(predict, variables, cache.images[rows[:samples]], cache.embeddings[rows[:samples]])
   return summary, grid
-
-
-def sample_grid(model, variables, cache, rows):
-  """grayscale | predicted | actual, one column per image: uint8 (3*S, n*S, 3)."""
-  images = np.asarray(cache.images[rows])
-  emb = np.asarray(cache.embeddings[rows], np.float32)
-  rgb = images.astype(np.float32) / 255.0
-  l_norm, _ = color.normalize_lab(color.rgb_to_lab(rgb))
-  pred = jax.jit(lambda v, l, e: model.apply(v, l, e, train=False))(variables, l_norm, emb)
-  gray = color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred))
-  colour = color.lab_norm_to_rgb(l_norm, pred)
-  strips = [np.concatenate(list(np.asarray(x)), axis=1) for x in (gray, colour, rgb)]
-  return (np.concatenate(strips, axis=0) * 255 + 0.5).astype(np.uint8)
 
 
 def format_table(m):
@@ -146,7 +125,7 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
-  config = cli.load_workdir_config(_CONFIG, _WORKDIR.value)
+  config = cli.load_workdir_config(_WORKDIR.value)
   summary, grid = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
   print(format_table(summary))
   if _JSON.value:

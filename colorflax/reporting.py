@@ -9,6 +9,23 @@ import time
 
 import numpy as np
 
+def sample_grid(predict, variables, images, embeddings):
+  """grayscale | predicted | actual, one column per image: uint8 (3*S, n*S, 3), or None.
+
+  predict(variables, L/100, embeddings) -> ab/128; images uint8 (n, S, S, 3).
+  """
+  from colorflax import color
+  if len(images) == 0:
+    return None
+  rgb = np.asarray(images, np.float32) / 255.0
+  l_norm, _ = color.normalize_lab(color.rgb_to_lab(rgb))
+  pred = predict(variables, l_norm, np.asarray(embeddings, np.float32))
+  gray = color.lab_norm_to_rgb(l_norm, np.zeros_like(pred))
+  colour = color.lab_norm_to_rgb(l_norm, pred)
+  strips = [np.concatenate(list(np.asarray(x)), axis=1) for x in (gray, colour, rgb)]
+  return (np.concatenate(strips, axis=0) * 255 + 0.5).astype(np.uint8)
+
+
 def _summary_writer(logdir):
   """tensorboardX's SummaryWriter, imported without torch.
 

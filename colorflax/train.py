@@ -307,7 +307,9 @@ def train_and_evaluate(config, workdir, progress=True):
                      metrics={'val_loss': val['loss']})
     report.epoch(last)
     if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
-      report.samples(epoch + 1, _sample_grid(state, predict, val_data, sample_rows))
+      rows = val_data.rows[sample_rows]
+      report.samples(epoch + 1, reporting.sample_grid(predict, jax.device_get(state.variables()),
+                                                      val_data.host_images[rows], val_data.host_embeddings[rows]))
   bar.close()
   mngr.wait_until_finished()
   mngr.close()
@@ -327,21 +329,6 @@ def _check_finite(pending, losses, bar, batch):
                            f'The last good checkpoint is kept')
   losses.extend(values.tolist())
   bar.update(len(values), loss=float(values[-1]), images=len(values) * batch)
-
-
-def _sample_grid(state, predict, data, rows):
-  """grayscale | predicted | actual for fixed validation images, uint8 (3*S, n*S, 3)."""
-  if len(rows) == 0:
-    return None
-  images = np.asarray(data.host_images[data.rows[rows]])
-  emb = np.asarray(data.host_embeddings[data.rows[rows]], np.float32)
-  rgb = images.astype(np.float32) / 255.0
-  l_norm, _ = color.normalize_lab(color.rgb_to_lab(rgb))
-  pred = predict(jax.device_get(state.variables()), l_norm, emb)
-  gray = color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred))
-  colour = color.lab_norm_to_rgb(l_norm, pred)
-  rows_img = [np.concatenate(list(np.asarray(x)), axis=1) for x in (gray, colour, rgb)]
-  return (np.concatenate(rows_img, axis=0) * 255 + 0.5).astype(np.uint8)
 
 
 def main(argv):
