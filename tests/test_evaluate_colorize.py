@@ -103,6 +103,15 @@ def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
   bad = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=12345'],
                        cwd=REPO, capture_output=True, text=True)
   assert bad.returncode == 2 and 'no checkpoint at step 12345' in bad.stderr
+  # Any cache: --config.data.cache_dir overrides the recorded one.
+  other = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run',
+                          f'--config.data.cache_dir={tmp_path}/elsewhere'], cwd=REPO, capture_output=True, text=True)
+  assert other.returncode == 2 and f'no features cache at {tmp_path}/elsewhere' in other.stderr
+  everything = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--split=all',
+                               f'--config.data.cache_dir={config.data.cache_dir}', f'--json={out}'],
+                              cwd=REPO, capture_output=True, text=True)
+  assert everything.returncode == 0, everything.stderr[-2000:]
+  assert json.loads(out.read_text())['num_images'] == 48
 
 
 def _inputs(folder):

@@ -57,20 +57,35 @@ def _assert_same_params(a, b, tol=1e-6):
 
 def test_outputs_and_metrics(cache_dir, tmp_path):
   work = tmp_path / 'run'
-  state, last = train.train_and_evaluate(small_config(cache_dir), str(work), progress=False)
+  state, last = train.train_and_evaluate(small_config(cache_dir, num_epochs=3, keep_checkpoints=1,
+                                                      samples_every_epochs=2), str(work), progress=False)
   lines = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
-  assert [l['epoch'] for l in lines] == [1, 2]
+  assert [l['epoch'] for l in lines] == [1, 2, 3]
+  # Kept: the latest and the best by validation loss, nothing else.
+  mngr = checkpoints.manager(work, read_only=True)
+  best = min(lines, key=lambda l: l['val_loss'])['step']
+  assert mngr.best_step() == best
+  assert set(mngr.all_steps()) == {best, lines[-1]['step']}
   for key in ('epoch', 'step', 'lr', 'train_loss', 'val_loss', 'val_psnr', 'val_psnr_gray',
               'images_per_sec', 'elapsed_sec'):
     assert key in lines[-1]
-  assert lines[-1]['step'] == 2 * (36 // 8) == int(state.step)
-  assert (work / 'samples' / 'epoch_0002.png').exists()
+  assert lines[-1]['step'] == 3 * (36 // 8) == int(state.step)
+  assert sorted(os.listdir(work / 'samples')) == ['epoch_0002.png', 'epoch_0003.png']  # every 2, and the last
   from PIL import Image
   assert Image.open(work / 'samples' / 'epoch_0002.png').size == (4 * 32, 3 * 32)
   assert any(f.startswith('events') for f in os.listdir(work / 'tensorboard'))
   assert json.loads((work / 'config.json').read_text())['data']['image_size'] == 32
   variables, meta, step = checkpoints.restore_model(work, 'latest')
-  assert step == lines[-1]['step'] and meta['epoch'] == 2
+  assert step == lines[-1]['step'] and meta['epoch'] == 3
+
+
+def test_bfloat16_training(cache_dir, tmp_path):
+  state, last = train.train_and_evaluate(small_config(cache_dir, num_epochs=1, **{'model.dtype': 'bfloat16'}),
+                                         str(tmp_path / 'bf16'), progress=False)
+  assert np.isfinite(last['train_loss']) and np.isfinite(last['val_loss'])
+  assert all(x.dtype == np.float32 for x in _params(state))  # parameters (and Adam) stay float32
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.opt_state) if hasattr(x, 'dtype')
+             and np.issubdtype(x.dtype, np.floating))
 
 
 def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
