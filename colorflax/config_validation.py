@@ -55,6 +55,11 @@ def validate(config):
   _require(config, 'data.synthetic_images', positive_int, 'a positive integer')
   _require(config, 'data.max_image_pixels', positive_int, 'a positive integer')
   _require(config, 'features.calibration_images', positive_int, 'a positive integer')
+  _require(config, 'features.num_shards', positive_int, 'a positive integer')
+  _require(config, 'features.shard_index', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  if not key_missing(config, 'features.num_shards') and config.features.shard_index >= config.features.num_shards:
+    raise ConfigError('features.shard_index', f'{config.features.shard_index} is invalid: must be below '
+                      f'features.num_shards ({config.features.num_shards})')
   _require(config, 'features.kind', lambda v: v in FEATURE_KINDS, f'one of {FEATURE_KINDS}')
   _require(config, 'features.inception_weights',
            lambda v: isinstance(v, str) and (v in NAMED_WEIGHTS or v.endswith(('.pth', '.pt'))),

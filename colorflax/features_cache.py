@@ -57,6 +57,15 @@ class _RowFile:
     self.f.close()
 
 
+def parts_root(cache_dir) -> str:
+  """Where a sharded precompute writes its parts, beside the cache they will be merged into."""
+  return os.path.abspath(os.path.expanduser(cache_dir)).rstrip('/') + '.parts'
+
+
+def part_dir(cache_dir, shard, shards) -> str:
+  return os.path.join(parts_root(cache_dir), f'part-{shard:05d}-of-{shards:05d}')
+
+
 def incomplete_dir(cache_dir) -> str:
   return os.path.abspath(os.path.expanduser(cache_dir)).rstrip('/') + '.incomplete'
 
@@ -149,6 +158,11 @@ def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_featur
     raise UserError(f'data.cache_dir: {cache_dir} is a file, not a cache directory')
   manifest = read_manifest(cache_dir)
   if manifest is None:
+    if os.path.isdir(parts_root(cache_dir)):
+      done = sorted(p for p in os.listdir(parts_root(cache_dir))
+                    if not p.endswith('.incomplete') and read_manifest(os.path.join(parts_root(cache_dir), p)))
+      raise UserError(f'{cache_dir} is a sharded cache that has not been merged ({len(done)} finished part(s) in '
+                      f'{parts_root(cache_dir)}); finish every shard, then run: {precompute_hint} --merge')
     partial = ' (an interrupted run left ' + incomplete_dir(cache_dir) + ')' if os.path.exists(incomplete_dir(cache_dir)) else ''
     raise UserError(f'no features cache at {cache_dir}{partial}; build it with: {precompute_hint}')
   if manifest.get('format_version') != FORMAT_VERSION:

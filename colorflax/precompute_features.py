@@ -8,6 +8,7 @@ Inception (CUDA when present, else every CPU core) and streams rows into the cac
 import collections
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 
@@ -19,6 +20,7 @@ from colorflax.model import EMBEDDING_DIMS
 
 _CONFIG = cli.define_config_flag()
 _OVERWRITE = cli.define_bool('overwrite', False, 'Rebuild the cache even if a matching one exists.')
+_MERGE = cli.define_bool('merge', False, 'Join the finished shards (features.num_shards) into one cache.')
 
 
 def requested_settings(config, source) -> dict:
@@ -64,43 +66,57 @@ def _batches(images, size):
     yield images[i:i + size]
 
 
+def _decoded(pool, begin, end, workers):
+  """(index, uint8 image or None, skip reason or None) for source rows [begin, end), in order.
+
+  Tasks are index ranges; at most 4 per worker are outstanding: Inception is the slower side,
+  and an unbounded queue of decoded images would grow with the dataset.
+  """
+  chunk, outstanding = 16, collections.deque()
+  for lo in range(begin, end, chunk):
+    outstanding.append(pool.apply_async(_prepare_range, (lo, min(lo + chunk, end))))
+    if len(outstanding) >= 4 * workers:
+      yield from outstanding.popleft().get()
+  while outstanding:
+    yield from outstanding.popleft().get()
+
+
+def shard_range(n, shard, shards):
+  """The contiguous rows [begin, end) of shard `shard` of `shards`: parts concatenate in order."""
+  return shard * n // shards, (shard + 1) * n // shards
+
+
 def precompute(config, overwrite=False, progress=True):
-  """Builds (or reuses) the cache that `config` describes; returns its directory."""
+  """Builds (or reuses) the cache that `config` describes — or, with features.num_shards > 1,
+  its part features.shard_index — and returns the directory written."""
   import torch
   from tqdm import tqdm
 
   from colorflax import inception
 
   cache_dir = os.path.abspath(os.path.expanduser(config.data.cache_dir))
+  shard, shards = config.features.shard_index, config.features.num_shards
+  out_dir = cache_dir if shards == 1 else features_cache.part_dir(cache_dir, shard, shards)
   source = sources.from_config(config)
   settings = requested_settings(config, source)
   fp = features_cache.fingerprint(settings)
-  if _check_existing(cache_dir, fp, settings, overwrite):
-    print(f'reusing the features cache at {cache_dir} (same settings; --overwrite rebuilds it)')
-    return cache_dir
+  if _check_existing(out_dir, fp, settings, overwrite):
+    print(f'reusing the features cache at {out_dir} (same settings; --overwrite rebuilds it)')
+    return out_dir
 
   torch.set_num_threads(os.cpu_count() or 1)
   model, weights_used = inception.load_model(config.features.inception_weights, seed=config.seed)
   model = inception.to_device(model)
-  needs_calibration = weights_used.startswith('random')
   print(f'inception weights: {weights_used}; features: {config.features.kind}; device: {inception.device()}')
 
   dim = EMBEDDING_DIMS[config.features.kind]
-  writer = features_cache.CacheWriter(cache_dir, config.data.image_size, dim)
+  n = len(source.ids)
+  begin, end = shard_range(n, shard, shards)
+  writer = features_cache.CacheWriter(out_dir, config.data.image_size, dim)
   skipped, pending, pending_ids = [], [], []
   bs = config.features.batch_size
-  calibration_target = config.features.calibration_images if needs_calibration else 0
 
   def flush(final=False):
-    nonlocal needs_calibration
-    if needs_calibration and (len(pending) >= calibration_target or final) and pending:
-      calibration = [inception.preprocess(np.stack(b)) for b in _batches(pending[:calibration_target], bs)]
-      inception.calibrate(model, calibration)
-      # Colorization must see the same network: keep its calibrated statistics with the cache.
-      inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
-      needs_calibration = False
-    if needs_calibration:
-      return
     while len(pending) >= bs or (final and pending):
       imgs, ids = np.stack(pending[:bs]), pending_ids[:bs]
       del pending[:bs], pending_ids[:bs]
@@ -109,19 +125,25 @@ def precompute(config, overwrite=False, progress=True):
   workers = config.features.num_workers or os.cpu_count() or 1
   settings_for_workers = (source, config.data.image_size, config.data.resize, config.data.skip_grayscale,
                           config.data.max_image_pixels)
-  n = len(source.ids)
   start = time.time()
   ctx = multiprocessing.get_context('spawn')  # no fork after torch has started its threads
   try:
-    # The source (with its list of ids) goes to each worker once; tasks are index ranges. At
-    # most `in_flight` ranges are outstanding: Inception is the slower side, and an unbounded
-    # queue of decoded images would grow with the dataset.
-    with ctx.Pool(workers, initializer=_init_worker, initargs=settings_for_workers) as pool, \
-        tqdm(total=n, unit='img', disable=not progress, desc='precompute', smoothing=0.1) as bar:
-      chunk, in_flight, outstanding = 16, 4 * workers, collections.deque()
-
-      def consume(result):
-        for i, image, reason in result.get():
+    # The source (with its list of ids) goes to each worker once.
+    with ctx.Pool(workers, initializer=_init_worker, initargs=settings_for_workers) as pool:
+      if weights_used.startswith('random'):
+        # Calibrate on the first usable images of the whole source, so that every shard (and a
+        # single run) ends up with the same network.
+        first = []
+        for _, image, _ in _decoded(pool, 0, n, workers):
+          if image is not None:
+            first.append(image)
+          if len(first) >= config.features.calibration_images:
+            break
+        inception.calibrate(model, [inception.preprocess(np.stack(b)) for b in _batches(first, bs)])
+        # Colorization must see the same network: keep its calibrated statistics with the cache.
+        inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
+      with tqdm(total=end - begin, unit='img', disable=not progress, desc='precompute', smoothing=0.1) as bar:
+        for i, image, reason in _decoded(pool, begin, end, workers):
           if reason is not None:
             skipped.append({'path': source.ids[i], 'reason': reason})
           else:
@@ -129,19 +151,12 @@ def precompute(config, overwrite=False, progress=True):
             pending_ids.append(source.ids[i])
             flush()
           bar.update(1)
-        bar.set_postfix(skipped=len(skipped), refresh=False)
-
-      for begin in range(0, n, chunk):
-        outstanding.append(pool.apply_async(_prepare_range, (begin, min(begin + chunk, n))))
-        if len(outstanding) >= in_flight:
-          consume(outstanding.popleft())
-      while outstanding:
-        consume(outstanding.popleft())
+          bar.set_postfix(skipped=len(skipped), refresh=False)
       flush(final=True)
   except BaseException:
     writer.abort()
     raise
-  if writer.images.rows == 0:
+  if writer.images.rows == 0 and shards == 1:
     writer.abort()
     reasons = sorted({s['reason'] for s in skipped})
     raise UserError(f'data.source: none of the {n} images could be used ({"; ".join(reasons)[:200]})')
@@ -160,12 +175,47 @@ def precompute(config, overwrite=False, progress=True):
       'settings': settings,
       'versions': {**inception.versions(), 'numpy': np.__version__, 'pillow': PIL.__version__},
   }
+  if shards > 1:
+    manifest['shard'] = {'index': shard, 'count': shards, 'rows': [begin, end]}
   writer.finish(manifest)
   elapsed = time.time() - start
-  n = writer.images.rows
-  print(f'cached {n} images ({len(skipped)} skipped) at {config.data.image_size}px with '
-        f'{config.features.kind} features [{weights_used}] in {cache_dir}: '
-        f'{elapsed:.1f}s, {n / max(elapsed, 1e-9):.1f} img/s')
+  print(f'cached {writer.images.rows} images ({len(skipped)} skipped) at {config.data.image_size}px with '
+        f'{config.features.kind} features [{weights_used}] in {out_dir}: '
+        f'{elapsed:.1f}s, {(end - begin) / max(elapsed, 1e-9):.1f} img/s')
+  if shards > 1:
+    print(f'shard {shard + 1} of {shards} done; when all are, join them: '
+          f'python -m colorflax.precompute_features --config ... --merge')
+  return out_dir
+
+
+def merge(config):
+  """Joins the finished parts of a sharded precompute into one cache (streamed), then removes them."""
+  from colorflax import inception
+
+  cache_dir = os.path.abspath(os.path.expanduser(config.data.cache_dir))
+  shards = config.features.num_shards
+  parts = [features_cache.part_dir(cache_dir, k, shards) for k in range(shards)]
+  missing = [k for k, p in enumerate(parts) if features_cache.read_manifest(p) is None]
+  if missing:
+    raise UserError(f'cannot merge: shard(s) {missing} of {shards} are not finished in '
+                    f'{features_cache.parts_root(cache_dir)}; run them with --config.features.shard_index=K')
+  opened = [features_cache.open_cache(p) for p in parts]
+  fps = {c.manifest['fingerprint'] for c in opened}
+  if len(fps) != 1:
+    raise UserError(f'cannot merge: the parts in {features_cache.parts_root(cache_dir)} were built with different settings')
+  first = opened[0].manifest
+  writer = features_cache.CacheWriter(cache_dir, first['image_size'], first['embedding_dim'])
+  for cache in opened:
+    for a in range(0, cache.num_images, 1024):
+      b = min(a + 1024, cache.num_images)
+      writer.append(cache.images[a:b], cache.embeddings[a:b], cache.manifest['files'][a:b])
+  if first.get('inception_calibration'):
+    shutil.copy(os.path.join(parts[0], first['inception_calibration']), writer.tmp)
+  manifest = {k: v for k, v in first.items() if k not in ('shard', 'files', 'num_images', 'format_version')}
+  manifest['skipped'] = [s for c in opened for s in c.manifest['skipped']]
+  writer.finish(manifest)
+  shutil.rmtree(features_cache.parts_root(cache_dir))
+  print(f'merged {shards} shards: {writer.images.rows} images in {cache_dir}')
   return cache_dir
 
 
@@ -186,7 +236,10 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.load_config(_CONFIG)
-  precompute(config, overwrite=_OVERWRITE.value, progress=sys.stderr.isatty() or True)
+  if _MERGE.value:
+    merge(config)
+  else:
+    precompute(config, overwrite=_OVERWRITE.value, progress=True)
 
 
 def entry_point():

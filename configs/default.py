@@ -32,6 +32,9 @@ def get_config():
   config.features.batch_size = 32
   config.features.num_workers = 0  # decoding processes; 0 = one per core
   config.features.calibration_images = 256  # 'random' weights: BatchNorm statistics from these
+  # Sharded precompute (one process or machine per shard), then `--merge`: see launch/.
+  config.features.num_shards = 1
+  config.features.shard_index = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.width = 1.0  # multiplies every hidden layer's channels; 1.0 is the seed

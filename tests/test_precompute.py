@@ -305,3 +305,27 @@ def test_auto_weights_fall_back_to_random_loudly(tmp_path, monkeypatch, capsys):
   assert 'RANDOM weights' in capsys.readouterr().err
   with pytest.raises(UserError, match='could not load torchvision IMAGENET1K_V1'):
     inception.load_model('imagenet')
+
+
+def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path):
+  over = {'data.synthetic_images': 20, 'features.inception_weights': 'random', 'features.calibration_images': 8}
+  single = _config('synthetic', tmp_path / 'single', **over)
+  precompute_features.precompute(single, progress=False)
+  sharded = _config('synthetic', tmp_path / 'sharded', **over, **{'features.num_shards': 2})
+  sharded.features.shard_index = 1  # shards may finish in any order, on any machine
+  precompute_features.precompute(sharded, progress=False)
+  with pytest.raises(UserError, match=r'shard\(s\) \[0\] of 2 are not finished'):
+    precompute_features.merge(sharded)
+  with pytest.raises(UserError, match='has not been merged'):
+    features_cache.open_cache(tmp_path / 'sharded')
+  sharded.features.shard_index = 0
+  precompute_features.precompute(sharded, progress=False)
+  precompute_features.merge(sharded)
+  a, b = features_cache.open_cache(tmp_path / 'single'), features_cache.open_cache(tmp_path / 'sharded')
+  assert a.manifest['files'] == b.manifest['files'] and a.num_images == b.num_images == 20
+  assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
+  np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), rtol=1e-5, atol=1e-5)
+  assert a.manifest['fingerprint'] == b.manifest['fingerprint']
+  assert (tmp_path / 'single' / inception.CALIBRATION_FILE).read_bytes() == \
+      (tmp_path / 'sharded' / inception.CALIBRATION_FILE).read_bytes()
+  assert not os.path.exists(features_cache.parts_root(tmp_path / 'sharded'))
