@@ -80,6 +80,8 @@ def validate(config):
   _require(config, 'per_device_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'eval_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = batch_size)')
   _require(config, 'steps_per_dispatch', positive_int, 'a positive integer')
+  _require(config, 'num_processes', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  _require(config, 'process_id', lambda v: _is_int(v) and v >= -1, 'an integer >= -1')
   _require(config, 'scan_unroll', lambda v: v in ('auto', 'unroll', 'loop'), "'auto', 'unroll' or 'loop'")
   _require(config, 'checkpoint_every_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'keep_checkpoints', positive_int, 'a positive integer')

@@ -64,7 +64,7 @@ def decide_resident(mode, nbytes, budget_fraction):
   return 'resident' if nbytes <= limit else 'streaming'
 
 
-def _global_array(host, sharding):
+def global_array(host, sharding):
   """A global jax.Array from a host array every process can read (works multi-process)."""
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]))
 
@@ -90,8 +90,8 @@ def place(cache, rows, mesh, mode):
   if mode == 'resident':
     replicated = NamedSharding(mesh, P())
     # Gather this split's rows once on the host (one pass over the memmap), then upload.
-    images = _global_array(np.asarray(cache.images[rows]), replicated)
-    embeddings = _global_array(np.asarray(cache.embeddings[rows]), replicated)
+    images = global_array(np.asarray(cache.images[rows]), replicated)
+    embeddings = global_array(np.asarray(cache.embeddings[rows]), replicated)
     return DeviceData(images, embeddings, cache.images, cache.embeddings, rows, mode)
   return DeviceData(None, None, cache.images, cache.embeddings, rows, mode)
 
@@ -111,7 +111,7 @@ class Feeder:
     self.prefetch = prefetch
 
   def _indices(self, idx):
-    return _global_array(idx.astype(np.int32), self.batch_sharding)
+    return global_array(idx.astype(np.int32), self.batch_sharding)
 
   def _stream(self, idx):
     k, b = idx.shape
@@ -124,7 +124,7 @@ class Feeder:
     embeddings = np.asarray(self.data.host_embeddings[flat_rows], np.float32)
     spec = NamedSharding(self.mesh, P())
     local = np.arange(k * b, dtype=np.int32).reshape(k, b)
-    return (_global_array(images, spec), _global_array(embeddings, spec), self._indices(local))
+    return (global_array(images, spec), global_array(embeddings, spec), self._indices(local))
 
   def batches(self, index_blocks):
     """Yields (images, embeddings, indices) for each (K, B) block of split indices."""

@@ -196,10 +196,23 @@ def check_resume_compatible(workdir, config):
                       f'resume with the same value or use a new --workdir')
 
 
+def initialize_distributed(config):
+  """jax.distributed.initialize() once, when the config asks for several processes."""
+  if not config.distributed or jax.distributed.is_initialized():
+    return
+  # CPU devices in different processes need a collectives library to talk to each other (GPUs
+  # and TPUs bring their own; this setting does not touch them).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  explicit = {}
+  if config.coordinator_address:
+    explicit = dict(coordinator_address=config.coordinator_address, num_processes=config.num_processes,
+                    process_id=config.process_id)
+  jax.distributed.initialize(**explicit)
+
+
 def train_and_evaluate(config, workdir, progress=True):
   """Trains (or resumes) in `workdir`; returns the final TrainState and the last epoch's metrics."""
-  if config.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
   features_cache.check_matches_config(cache, config, precompute_command())
@@ -249,9 +262,7 @@ def train_and_evaluate(config, workdir, progress=True):
   feeder = device_pipeline.Feeder(train_data, mesh)
   val_feeder = device_pipeline.Feeder(val_data, mesh)
   eval_idx, eval_mask = _eval_blocks(val_data.size, eval_batch)
-  eval_mask_dev = jax.make_array_from_callback(eval_mask.shape, NamedSharding(mesh, P(None, 'data')),
-                                               lambda i: eval_mask[i])
-  eval_mask_rows = [eval_mask_dev[i] for i in range(len(eval_mask))]
+  eval_mask_rows = [device_pipeline.global_array(m, NamedSharding(mesh, P('data'))) for m in eval_mask]
   sample_rows = np.arange(min(config.num_samples, val_data.size))
 
   def validate(state):

@@ -71,6 +71,11 @@ def get_config():
   config.keep_checkpoints = 3  # the latest K are kept, and the best by validation loss
   config.samples_every_epochs = 5  # write DIR/samples/epoch_XXXX.png (and after the last epoch)
   config.num_samples = 8  # validation images in the sample grid
-  config.distributed = False  # call jax.distributed.initialize() (multi-process runs)
+  # Multi-process: jax.distributed.initialize(). On SLURM and Cloud TPU the coordinator, process
+  # count and id are found from the environment; elsewhere give them here.
+  config.distributed = False
+  config.coordinator_address = ''  # e.g. 'host0:1234'
+  config.num_processes = 0
+  config.process_id = -1
 
   return config
