@@ -8,7 +8,6 @@ Timings are medians of several repeats after compilation/warm-up, with device sy
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -52,7 +51,6 @@ def step_flops(model, tx, config, state, images, emb, idx_one):
 def jax_step(config, repeats):
   """colorflax's jitted K-step dispatch on device-resident random data: images/s and FLOPs."""
   import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from colorflax import model as model_lib

@@ -9,7 +9,6 @@ import collections
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -190,8 +189,6 @@ def precompute(config, overwrite=False, progress=True):
 
 def merge(config):
   """Joins the finished parts of a sharded precompute into one cache (streamed), then removes them."""
-  from colorflax import inception
-
   cache_dir = os.path.abspath(os.path.expanduser(config.data.cache_dir))
   shards = config.features.num_shards
   parts = [features_cache.part_dir(cache_dir, k, shards) for k in range(shards)]

@@ -11,7 +11,6 @@ Randomness is a function of (seed, step) and data order of (seed, epoch), so a r
 replays exactly what an uninterrupted one would have done.
 """
 
-import json
 import os
 import sys
 import time

@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from colorflax import checkpoints, colorize, evaluate, metrics, precompute_features, synthetic, train
-from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -175,7 +173,7 @@ def test_colorize_a_convert_torch_checkpoint(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'colorflax.convert_torch', str(pth), f'--workdir={tmp_path}/seed'],
                      cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr
-  config = checkpoints.read_config(tmp_path / 'seed')
+  assert checkpoints.read_config(tmp_path / 'seed').features.inception_weights == 'imagenet'
   inputs = _inputs(tmp_path / 'in')
   r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={tmp_path}/seed', f'--output={tmp_path}/out',
                       '--size=64', f'--config.features.inception_weights={weights}',

@@ -1,7 +1,5 @@
 import io
-import json
 import os
-import resource
 import signal
 import subprocess
 import sys

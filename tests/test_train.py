@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from colorflax import checkpoints, features_cache, precompute_features, train
+from colorflax import checkpoints, precompute_features, train
 from colorflax.errors import UserError
 from configs import quickstart
 
