@@ -13,6 +13,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from colorflax.errors import UserError
@@ -35,12 +36,10 @@ def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bo
       best_fn=lambda m: m['val_loss'], best_mode='min', preservation_policy=preservation,
       enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only,
       save_interval_steps=0 if read_only else 1)
-  if not read_only:
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta'))
-  # Readers (evaluate, colorize) open read-only; orbax warns about that on every open.
-  from absl import logging
+  # Readers (evaluate, colorize) open read-only, and orbax warns about that on every open.
   level = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
+  if read_only:
+    logging.set_verbosity(logging.ERROR)
   try:
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta'))
   finally:

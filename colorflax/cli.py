@@ -101,11 +101,8 @@ def load_workdir_config(workdir):
   from colorflax import checkpoints
   config = checkpoints.read_config(workdir)
   for key, value in override_values().items():
-    node = config
-    *path, name = key.split('.')
-    for part in path:
-      node = node[part]
-    node[name] = value
+    parent, _, name = key.rpartition('.')
+    (config_validation.get_field(config, parent) if parent else config)[name] = value
   return config_validation.validate(config)
 
 

@@ -10,7 +10,8 @@ NAMED_WEIGHTS = ('auto', 'imagenet', 'random')
 DTYPES = ('float32', 'bfloat16')
 
 
-def _get(config, key):
+def get_field(config, key):
+  """config['a']['b'] for key 'a.b'."""
   node = config
   for part in key.split('.'):
     node = node[part]
@@ -20,14 +21,14 @@ def _get(config, key):
 def _require(config, key, ok, what):
   if key_missing(config, key):
     return
-  value = _get(config, key)
+  value = get_field(config, key)
   if not ok(value):
     raise ConfigError(key, f'{value!r} is invalid: must be {what}')
 
 
 def key_missing(config, key):
   try:
-    _get(config, key)
+    get_field(config, key)
     return False
   except (KeyError, AttributeError):
     return True

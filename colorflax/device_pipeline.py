@@ -107,7 +107,6 @@ class Feeder:
   def __init__(self, data: DeviceData, mesh, prefetch=2):
     self.data, self.mesh = data, mesh
     self.batch_sharding = NamedSharding(mesh, P(None, 'data'))  # (K, B): shard B
-    self.row_sharding = NamedSharding(mesh, P('data'))  # streamed rows, (K*B, ...) sharded
     self.prefetch = prefetch
 
   def _indices(self, idx):
@@ -115,8 +114,9 @@ class Feeder:
 
   def _stream(self, idx):
     k, b = idx.shape
-    # Row r of the streamed block is sample r; lay it out so that each device gets its share of
-    # every step: (K, B) -> per step, shards of B. Order rows as step-major to match indices.
+    # Row r of the block is sample r of the dispatch (step-major), so the indices are arange.
+    # The block is replicated on every device: simple and correct, but each device receives all
+    # K*B rows (a per-device split is part of the streaming work still to do).
     flat_rows = self.data.rows[idx.reshape(-1)]
     order = np.argsort(flat_rows, kind='stable')  # read the memmap in ascending order
     images = np.empty((k * b, *self.data.host_images.shape[1:]), np.uint8)

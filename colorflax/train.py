@@ -189,7 +189,7 @@ def check_resume_compatible(workdir, config):
   for key in RESUME_KEYS:
     if config_validation.key_missing(old, key):
       continue
-    a, b = config_validation._get(old, key), config_validation._get(config, key)
+    a, b = config_validation.get_field(old, key), config_validation.get_field(config, key)
     if a != b:
       raise UserError(f'{workdir} was trained with {key}={a!r}, this config has {b!r}: '
                       f'resume with the same value or use a new --workdir')
