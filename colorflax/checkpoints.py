@@ -1,9 +1,10 @@
 """Orbax checkpoints under `WORKDIR/checkpoints`: the model, the training state, and metadata.
 
-Each step holds up to three items, so that every reader restores only what it needs:
+Each step holds up to four items, so that every reader restores only what it needs:
   model  {'params', 'batch_stats'}      what evaluation and colorization need
-  train  optimizer, plateau, step, rng  what resuming training needs (absent after convert_torch)
+  train  optimizer, plateau, step       what resuming training needs (absent after convert_torch)
   meta   JSON: epoch, metrics, ...
+  data   the grain stream's state, one JSON file per process (streaming runs only)
 Orbax writes each step to a temporary directory and renames it when complete, so a step cut
 off mid-write is never listed: readers fall back to the previous complete one.
 """
@@ -41,15 +42,18 @@ def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bo
   if read_only:
     logging.set_verbosity(logging.ERROR)
   try:
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta'))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta', 'data'))
   finally:
     logging.set_verbosity(level)
 
 
-def save(mngr, step: int, *, model, meta: dict, train=None, metrics=None):
+def save(mngr, step: int, *, model, meta: dict, train=None, data=None, metrics=None):
   items = {'model': ocp.args.StandardSave(model), 'meta': ocp.args.JsonSave(meta)}
   if train is not None:
     items['train'] = ocp.args.StandardSave(train)
+  if data is not None:  # streaming.IteratorState, written by grain's orbax handler
+    import grain
+    items['data'] = grain.checkpoint.CheckpointSave(data)
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
@@ -108,17 +112,28 @@ def train_item(state) -> dict:
   return {'step': state.step, 'opt_state': state.opt_state, 'plateau': state.plateau}
 
 
-def restore_train(mngr, state, step=None):
-  """(state restored from `step` (default: latest complete), meta); `state` gives structure and shardings."""
+def _has_data_state(mngr, step) -> bool:
+  """Whether `step` holds this process's stream state (grain's handler names the file so)."""
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return os.path.exists(os.path.join(str(mngr.directory), str(step), 'data', name))
+
+
+def restore_train(mngr, state, step=None, data=None):
+  """(state, meta, data) restored from `step` (default: latest complete); `state` gives structure
+  and shardings. `data`: a streaming.IteratorState to fill in, returned only if the step has
+  one for this process (a run resumed on another process count restarts its stream at the step)."""
   step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(state.variables()),
-      train=ocp.args.StandardRestore(train_item(state)),
-      meta=ocp.args.JsonRestore()))
+  items = dict(model=ocp.args.StandardRestore(state.variables()), train=ocp.args.StandardRestore(train_item(state)),
+               meta=ocp.args.JsonRestore())
+  with_data = data is not None and _has_data_state(mngr, step)
+  if with_data:
+    import grain
+    items['data'] = grain.checkpoint.CheckpointRestore(data)
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
   model, train = restored['model'], restored['train']
   state = state.replace(step=train['step'], params=model['params'], batch_stats=model['batch_stats'],
                         opt_state=train['opt_state'], plateau=train['plateau'])
-  return state, restored['meta']
+  return state, restored['meta'], restored['data'] if with_data else None
 
 
 def restore_for_inference(workdir, config, which, mesh):

@@ -77,6 +77,9 @@ def validate(config):
   _require(config, 'data.placement', lambda v: v in ('auto', 'resident', 'streaming'),
            "'auto', 'resident' or 'streaming'")
   _require(config, 'data.device_budget_fraction', lambda v: isinstance(v, (int, float)) and 0 < v <= 1, 'in (0, 1]')
+  _require(config, 'data.stream_workers', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = threads only)')
+  _require(config, 'data.stream_threads', positive_int, 'a positive integer')
+  _require(config, 'data.stream_prefetch', positive_int, 'a positive integer')
   _require(config, 'num_devices', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = all devices)')
   _require(config, 'per_device_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'eval_batch_size', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = batch_size)')

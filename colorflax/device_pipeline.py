@@ -1,18 +1,15 @@
 """From the features cache to model-ready batches, on the device.
 
 The host does no per-step image work. The cache's uint8 images and float32 embeddings are put
-on the device(s) once when they fit (`resident`), otherwise each dispatch's rows are gathered
-from the memory-mapped cache by a background thread and sent ahead (`streaming`). Both feed
-the same jitted code the same rows in the same order, so they train identically.
+on the device(s) once when they fit (`ResidentFeeder`); otherwise grain streams each batch
+from the memory-mapped cache (`colorflax.streaming`). Both feed the same jitted code the same
+rows in the same order, so they train identically.
 
 Inside the step (`lab_batch`): gather by index, augment (training only), RGB -> Lab with
 `colorflax.color`, and normalise (L/100 in, ab/128 target).
 """
 
-import dataclasses
 import os
-import queue
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -69,91 +66,54 @@ def global_array(host, sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]))
 
 
-@dataclasses.dataclass
-class DeviceData:
-  """Rows of the cache for one split, where the jitted step can index them."""
-  images: jax.Array | None  # (N, S, S, 3) uint8, replicated; None when streaming
-  embeddings: jax.Array | None  # (N, D) float32, replicated; None when streaming
-  host_images: np.ndarray  # memory-mapped rows (streaming reads from here)
-  host_embeddings: np.ndarray
-  rows: np.ndarray  # cache row of each split row
-  mode: str
-
-  @property
-  def size(self):
-    return len(self.rows)
+def dispatch_sizes(first_step, last_step, k):
+  """Steps per dispatch for steps [first_step, last_step) of an epoch: K each, the last shorter."""
+  return [min(k, last_step - s) for s in range(first_step, last_step, k)]
 
 
-def place(cache, rows, mesh, mode):
-  """Puts one split's rows on the devices (resident) or prepares to stream them."""
-  rows = np.asarray(rows)
-  if mode == 'resident':
-    replicated = NamedSharding(mesh, P())
-    # Gather this split's rows once on the host (one pass over the memmap), then upload.
-    images = global_array(np.asarray(cache.images[rows]), replicated)
-    embeddings = global_array(np.asarray(cache.embeddings[rows]), replicated)
-    return DeviceData(images, embeddings, cache.images, cache.embeddings, rows, mode)
-  return DeviceData(None, None, cache.images, cache.embeddings, rows, mode)
+def gather(tables, x):
+  """(images, embeddings) of one batch: rows `x` of the resident tables, or `x` itself when
+  the batch was streamed in (tables is None)."""
+  if tables is None:
+    return x
+  images, embeddings = tables
+  return images[x], embeddings[x]
 
 
-class Feeder:
-  """Per dispatch: (images, embeddings, indices) for the jitted step.
+class ResidentFeeder:
+  """Both splits on every device once; each dispatch sends only its (K, B) indices.
 
-  resident: the device arrays and the (K, B) split indices, sharded over the batch axis.
-  streaming: the (K*B) rows gathered on the host in a background thread, sent ahead of use,
-  with indices arange(K*B) into them, so the step is the same function either way.
+  `train_dispatches` and `eval_batches` yield (tables, x) for `gather`, as
+  `streaming.StreamFeeder` does, so the training loop is the same for both.
   """
 
-  def __init__(self, data: DeviceData, mesh, prefetch=2):
-    self.data, self.mesh = data, mesh
-    self.batch_sharding = NamedSharding(mesh, P(None, 'data'))  # (K, B): shard B
-    self.prefetch = prefetch
+  def __init__(self, cache, train_rows, val_rows, mesh, config, batch, steps_per_epoch, eval_batch):
+    replicated = NamedSharding(mesh, P())
+    # Gather each split's rows once on the host (one pass over the memmap), then upload.
+    self.train = tuple(global_array(np.asarray(a[train_rows]), replicated) for a in (cache.images, cache.embeddings))
+    self.val = tuple(global_array(np.asarray(a[val_rows]), replicated) for a in (cache.images, cache.embeddings))
+    self.n_train, self.n_val = len(train_rows), len(val_rows)
+    self.seed, self.batch, self.steps_per_epoch, self.eval_batch = config.seed, batch, steps_per_epoch, eval_batch
+    self.dispatch_sharding = NamedSharding(mesh, P(None, 'data'))  # (K, B): shard B
+    self.batch_sharding = NamedSharding(mesh, P('data'))
 
-  def _indices(self, idx):
-    return global_array(idx.astype(np.int32), self.batch_sharding)
+  def train_dispatches(self, first_step, sizes):
+    epoch, pos = divmod(first_step, self.steps_per_epoch)
+    order = epoch_order(self.n_train, self.seed, epoch)
+    for n in sizes:
+      idx = order[pos * self.batch:(pos + n) * self.batch].reshape(n, self.batch)
+      yield self.train, global_array(idx, self.dispatch_sharding)
+      pos += n
 
-  def _stream(self, idx):
-    k, b = idx.shape
-    # Row r of the block is sample r of the dispatch (step-major), so the indices are arange.
-    # The block is replicated on every device: simple and correct, but each device receives all
-    # K*B rows (a per-device split is part of the streaming work still to do).
-    flat_rows = self.data.rows[idx.reshape(-1)]
-    order = np.argsort(flat_rows, kind='stable')  # read the memmap in ascending order
-    images = np.empty((k * b, *self.data.host_images.shape[1:]), np.uint8)
-    images[order] = self.data.host_images[flat_rows[order]]
-    embeddings = np.asarray(self.data.host_embeddings[flat_rows], np.float32)
-    spec = NamedSharding(self.mesh, P())
-    local = np.arange(k * b, dtype=np.int32).reshape(k, b)
-    return (global_array(images, spec), global_array(embeddings, spec), self._indices(local))
+  def eval_batches(self):
+    """Validation batches in split order; the last is padded with row 0 (mask it)."""
+    for start in range(0, self.n_val, self.eval_batch):
+      idx = np.zeros(self.eval_batch, np.int32)
+      idx[:min(self.eval_batch, self.n_val - start)] = np.arange(start, min(start + self.eval_batch, self.n_val))
+      yield self.val, global_array(idx, self.batch_sharding)
 
-  def batches(self, index_blocks):
-    """Yields (images, embeddings, indices) for each (K, B) block of split indices."""
-    if self.data.mode == 'resident':
-      for idx in index_blocks:
-        yield self.data.images, self.data.embeddings, self._indices(idx)
-      return
-    q = queue.Queue(maxsize=self.prefetch)
-    stop = threading.Event()
+  def checkpoint_state(self):
+    return None  # nothing beyond the step: the order is a function of (seed, epoch)
 
-    def produce():
-      try:
-        for idx in index_blocks:
-          if stop.is_set():
-            return
-          q.put(self._stream(idx))
-        q.put(None)
-      except BaseException as e:  # surface reader errors in the consumer
-        q.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-      while True:
-        item = q.get()
-        if item is None:
-          return
-        if isinstance(item, BaseException):
-          raise item
-        yield item
-    finally:
-      stop.set()
+  def close(self):
+    pass

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
 from colorflax import model as model_lib
-from colorflax import metrics, reporting
+from colorflax import metrics, reporting, streaming
 from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -89,16 +89,18 @@ def scan_unroll(config) -> bool:
 
 
 def make_train_chunk(model, tx, config):
-  """jit(state, images, embeddings, idx (K, B)) -> (state, losses (K,)): K steps in one scan."""
+  """jit(state, tables, xs) -> (state, losses (K,)): K steps in one scan. `xs` holds each step's
+  batch: (K, B) row indices into the resident `tables`, or the streamed (images, embeddings)
+  themselves with `tables` None (see device_pipeline.gather)."""
   base_key = jax.random.key(config.seed)
   aug = config.augment
   unroll = scan_unroll(config)
 
-  def chunk(state, images, embeddings, idx):
-    def one_step(state, idx_row):
+  def chunk(state, tables, xs):
+    def one_step(state, x):
       key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
-      l_norm, ab_norm, _ = device_pipeline.lab_batch(images[idx_row], key, aug, train=True)
-      emb = embeddings[idx_row]
+      images, emb = device_pipeline.gather(tables, x)
+      l_norm, ab_norm, _ = device_pipeline.lab_batch(images, key, aug, train=True)
 
       def loss_fn(params):
         pred, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, l_norm, emb,
@@ -111,22 +113,24 @@ def make_train_chunk(model, tx, config):
       return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state), loss
 
-    return jax.lax.scan(one_step, state, idx, unroll=unroll)
+    return jax.lax.scan(one_step, state, xs, unroll=unroll)
 
   return jax.jit(chunk, donate_argnums=(0,))
 
 
 def make_evaluate(model):
-  """jit(variables, images, embeddings, idx (B,), mask (B,)) -> per-batch sums of per-image metrics.
+  """jit(variables, tables, x, mask (B,)) -> per-batch sums of per-image metrics (x: as one step of
+  make_train_chunk's xs).
 
   Called once per validation batch from Python (not a scan: see scan_unroll); the sums stay on
   the device and are added up there, so the host reads one number per metric per epoch.
   """
 
-  def evaluate(variables, images, embeddings, idx_row, m):
-    rgb_true = color.uint8_to_unit(images[idx_row])
+  def evaluate(variables, tables, x, m):
+    images, emb = device_pipeline.gather(tables, x)
+    rgb_true = color.uint8_to_unit(images)
     l_norm, ab_norm = color.normalize_lab(color.rgb_to_lab(rgb_true))
-    pred = model.apply(variables, l_norm, embeddings[idx_row], train=False)
+    pred = model.apply(variables, l_norm, emb, train=False)
     mse = jnp.mean(jnp.square(pred - ab_norm), axis=(1, 2, 3))
     psnr = metrics.psnr(color.lab_norm_to_rgb(l_norm, pred), rgb_true)
     psnr_gray = metrics.psnr(color.lab_norm_to_rgb(l_norm, jnp.zeros_like(pred)), rgb_true)
@@ -151,23 +155,11 @@ def plateau_step(plateau, base_lr):
   return jax.jit(update, donate_argnums=(0,))
 
 
-def _index_blocks(order, first_step, last_step, batch, k):
-  """(K, B) blocks of split indices for steps [first_step, last_step) of an epoch."""
-  s = first_step
-  while s < last_step:
-    n = min(k, last_step - s)
-    yield order[s * batch:(s + n) * batch].reshape(n, batch)
-    s += n
-
-
-def _eval_blocks(n, batch):
-  """Validation indices padded to whole batches, with a mask for the padding."""
-  m = -(-n // batch)
-  idx = np.zeros(m * batch, np.int32)
-  idx[:n] = np.arange(n)
-  mask = np.zeros(m * batch, np.float32)
+def _eval_masks(n, batch):
+  """1 for the validation rows of each batch, 0 for the padding of the last."""
+  mask = np.zeros(-(-n // batch) * batch, np.float32)
   mask[:n] = 1.0
-  return idx.reshape(m, batch), mask.reshape(m, batch)
+  return mask.reshape(-1, batch)
 
 
 def precompute_command():
@@ -238,19 +230,24 @@ def train_and_evaluate(config, workdir, progress=True):
   total_steps = steps_per_epoch * config.num_epochs
   nbytes = cache.images.nbytes + cache.embeddings.nbytes
   mode = device_pipeline.decide_resident(config.data.placement, nbytes, config.data.device_budget_fraction)
-  train_data = device_pipeline.place(cache, train_rows, mesh, mode)
-  val_data = device_pipeline.place(cache, val_rows, mesh, mode)
-
   model = model_lib.model_from_config(config)
   tx, plateau = make_optimizer(config)
   state = create_state(config, model, tx, plateau, config.data.image_size, replicated)
 
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  stream_state = None
   if mngr.latest_step() is not None:
-    state, meta = checkpoints.restore_train(mngr, state)
+    wanted = streaming.IteratorState() if mode == 'streaming' else None
+    state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
     print(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
   checkpoints.write_config(workdir, config)  # num_epochs etc. may have changed on resume
   start_step = int(state.step)
+  if mode == 'resident':
+    feeder = device_pipeline.ResidentFeeder(cache, train_rows, val_rows, mesh, config, batch, steps_per_epoch,
+                                            eval_batch)
+  else:
+    feeder = streaming.StreamFeeder(os.path.abspath(cache.directory), train_rows, val_rows, mesh, config, batch, steps_per_epoch,
+                                    eval_batch, total_steps, start_step, stream_state)
   report = reporting.Reporter(workdir, enabled=jax.process_index() == 0)
   report.truncate_after(start_step)
 
@@ -258,18 +255,16 @@ def train_and_evaluate(config, workdir, progress=True):
   evaluate = make_evaluate(model)
   predict = make_predict(model)
   step_plateau = plateau_step(plateau, config.learning_rate)
-  feeder = device_pipeline.Feeder(train_data, mesh)
-  val_feeder = device_pipeline.Feeder(val_data, mesh)
-  eval_idx, eval_mask = _eval_blocks(val_data.size, eval_batch)
-  eval_mask_rows = [device_pipeline.global_array(m, NamedSharding(mesh, P('data'))) for m in eval_mask]
-  sample_rows = np.arange(min(config.num_samples, val_data.size))
+  eval_masks = [device_pipeline.global_array(m, NamedSharding(mesh, P('data')))
+                for m in _eval_masks(len(val_rows), eval_batch)]
+  sample_rows = val_rows[:config.num_samples]
 
   def validate(state):
     totals = {}
-    for i, (images, embeddings, idx) in enumerate(val_feeder.batches(eval_idx[:, None])):
-      sums = evaluate(state.variables(), images, embeddings, idx[0], eval_mask_rows[i])
+    for mask, (tables, x) in zip(eval_masks, feeder.eval_batches()):
+      sums = evaluate(state.variables(), tables, x, mask)
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-    return {k: float(v) / val_data.size for k, v in jax.device_get(totals).items()}
+    return {k: float(v) / len(val_rows) for k, v in jax.device_get(totals).items()}
 
   print(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
         f'{len(val_rows)} val images, global batch {batch}, {steps_per_epoch} steps/epoch, data {mode}, '
@@ -280,21 +275,20 @@ def train_and_evaluate(config, workdir, progress=True):
   for epoch in range(start_step // steps_per_epoch, config.num_epochs):
     epoch_start = time.time()
     first = max(start_step - epoch * steps_per_epoch, 0)  # > 0 only when resuming mid-epoch
-    order = device_pipeline.epoch_order(len(train_rows), config.seed, epoch)
-    blocks = _index_blocks(order, first, steps_per_epoch, batch, config.steps_per_dispatch)
+    sizes = device_pipeline.dispatch_sizes(first, steps_per_epoch, config.steps_per_dispatch)
     losses, pending, step_now = [], None, epoch * steps_per_epoch + first
-    for images, embeddings, idx in feeder.batches(blocks):
-      state, chunk_losses = train_chunk(state, images, embeddings, idx)
+    for n, (tables, xs) in zip(sizes, feeder.train_dispatches(step_now, sizes)):
+      state, chunk_losses = train_chunk(state, tables, xs)
       if pending is not None:  # read the previous dispatch while this one runs
         _check_finite(pending, losses, bar, batch)
       pending = (step_now, chunk_losses)
-      step_now += idx.shape[0]  # counted on the host: reading state.step would wait for the device
+      step_now += n  # counted on the host: reading state.step would wait for the device
       every = config.checkpoint_every_steps
-      if every and step_now // every > (step_now - idx.shape[0]) // every and step_now % steps_per_epoch:
+      if every and step_now // every > (step_now - n) // every and step_now % steps_per_epoch:
         _check_finite(pending, losses, bar, batch)
         pending = None
         checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
-                         meta={'epoch': epoch, 'epoch_complete': False})
+                         data=feeder.checkpoint_state(), meta={'epoch': epoch, 'epoch_complete': False})
     if pending is not None:
       _check_finite(pending, losses, bar, batch)
     train_seconds = time.time() - epoch_start
@@ -313,14 +307,14 @@ def train_and_evaluate(config, workdir, progress=True):
         'elapsed_sec': time.time() - run_start,
     }
     checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
-                     meta={'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last},
+                     data=feeder.checkpoint_state(), meta={'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last},
                      metrics={'val_loss': val['loss']})
     report.epoch(last)
     if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
-      rows = val_data.rows[sample_rows]
       report.samples(epoch + 1, reporting.sample_grid(predict, jax.device_get(state.variables()),
-                                                      val_data.host_images[rows], val_data.host_embeddings[rows]))
+                                                      cache.images[sample_rows], cache.embeddings[sample_rows]))
   bar.close()
+  feeder.close()
   mngr.wait_until_finished()
   mngr.close()
   report.close()

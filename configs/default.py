@@ -42,6 +42,10 @@ def get_config():
 
   config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
   config.data.device_budget_fraction = 0.5  # 'auto': at most this share of free device memory
+  # 'streaming': grain reads each process's slice of every batch from the memory-mapped cache.
+  config.data.stream_workers = 0  # grain worker processes (0 = threads in the training process)
+  config.data.stream_threads = 4  # reading threads (per worker process, if any)
+  config.data.stream_prefetch = 16  # steps read ahead (per worker process, if any)
 
   config.num_devices = 0  # use the first N devices of each process (0 = all of them)
   config.batch_size = 8  # global, over all devices

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from colorflax import precompute_features, train
 
@@ -17,14 +18,19 @@ from test_train import small_config  # noqa: E402
 
 _PROCESS = """
 import os, sys, ml_collections, numpy as np, jax
-from colorflax import train
-config = ml_collections.ConfigDict({config!r})
-config.process_id = int(sys.argv[1])
-state, last = train.train_and_evaluate(config, {workdir!r}, progress=False)
-leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.variables()))]
-if jax.process_index() == 0:
-  np.savez({out!r}, *leaves)
-print('process', jax.process_index(), 'of', jax.process_count(), 'devices', jax.device_count(), flush=True)
+from jax.sharding import NamedSharding, PartitionSpec as P
+from colorflax import streaming, train
+if __name__ == '__main__':  # grain's worker processes import this script again
+  config = ml_collections.ConfigDict({config!r})
+  config.process_id = int(sys.argv[1])
+  state, last = train.train_and_evaluate(config, {workdir!r}, progress=False)
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.variables()))]
+  if jax.process_index() == 0:
+    np.savez({out!r}, *leaves)
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  rows = streaming.process_positions(NamedSharding(mesh, P('data')), config.batch_size).tolist()
+  print('process', jax.process_index(), 'of', jax.process_count(), 'devices', jax.device_count(),
+        'reads batch positions', rows, flush=True)
 """
 
 
@@ -34,27 +40,39 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-  cache = tmp_path / 'cache'
-  config = small_config(cache, num_epochs=2)
+@pytest.fixture(scope='module')
+def single_process_run(tmp_path_factory):
+  """The reference: one process with 4 devices, data resident."""
+  root = tmp_path_factory.mktemp('single')
+  config = small_config(root / 'cache', num_epochs=2)
   precompute_features.precompute(config, progress=False)
-  single, _ = train.train_and_evaluate(config, str(tmp_path / 'single'), progress=False)
+  state, _ = train.train_and_evaluate(config, str(root / 'single'), progress=False)
   assert jax.device_count() == 4
+  return root, state
 
-  multi = small_config(cache, num_epochs=2, distributed=True, coordinator_address=f'127.0.0.1:{_free_port()}',
-                       num_processes=2)
-  code = _PROCESS.format(config=multi.to_dict(), workdir=str(tmp_path / 'multi'), out=str(tmp_path / 'params.npz'))
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen([sys.executable, '-c', code, str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+
+@pytest.mark.parametrize('placement', ['resident', 'streaming'])
+def test_two_processes_match_one_process_with_four_devices(single_process_run, tmp_path, placement):
+  root, single = single_process_run
+  multi = small_config(root / 'cache', num_epochs=2, distributed=True, coordinator_address=f'127.0.0.1:{_free_port()}',
+                       num_processes=2, **{'data.placement': placement})
+  script = tmp_path / 'process.py'
+  script.write_text(_PROCESS.format(config=multi.to_dict(), workdir=str(tmp_path / 'multi'),
+                                    out=str(tmp_path / 'params.npz')))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': REPO}
+  procs = [subprocess.Popen([sys.executable, str(script), str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert 'process 0 of 2 devices 4' in outs[0][0] and 'process 1 of 2 devices 4' in outs[1][0]
+  # Each process holds (and, streaming, reads) only its half of every global batch of 8.
+  assert 'process 0 of 2 devices 4 reads batch positions [0, 1, 2, 3]' in outs[0][0], outs[0][0]
+  assert 'process 1 of 2 devices 4 reads batch positions [4, 5, 6, 7]' in outs[1][0], outs[1][0]
   got = np.load(tmp_path / 'params.npz')
   expected = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(single.variables()))]
   assert len(got.files) == len(expected)
-  a = [json.loads(l) for l in (tmp_path / 'single' / 'metrics.jsonl').read_text().splitlines()]
+  a = [json.loads(l) for l in (root / 'single' / 'metrics.jsonl').read_text().splitlines()]
   b = [json.loads(l) for l in (tmp_path / 'multi' / 'metrics.jsonl').read_text().splitlines()]  # process 0 only
   assert len(a) == len(b) == 2
   for x, y in zip(a, b):
@@ -77,3 +95,6 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert step == 8
   for i, leaf in enumerate(jax.tree_util.tree_leaves(jax.device_get(variables))):
     np.testing.assert_array_equal(np.asarray(leaf), got[f'arr_{i}'])
+  if placement == 'streaming':  # each process saved its own stream state in every checkpoint
+    data = tmp_path / 'multi' / 'checkpoints' / '8' / 'data'
+    assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']

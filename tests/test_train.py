@@ -98,10 +98,11 @@ def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
   assert [x['val_loss'] for x in a] == pytest.approx([x['val_loss'] for x in b], rel=1e-6)
 
 
-def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize('placement', ['resident', 'streaming'])
+def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch, placement):
   # Dispatches of 2 steps end at 2, 4, 6, 8; a checkpoint is due whenever one crosses a multiple
   # of 5, so at 6 (4 and 8 end epochs, which always checkpoint).
-  config = small_config(cache_dir, num_epochs=2, checkpoint_every_steps=5)
+  config = small_config(cache_dir, num_epochs=2, checkpoint_every_steps=5, **{'data.placement': placement})
   full, _ = train.train_and_evaluate(config, str(tmp_path / 'a'), progress=False)
 
   real_save = checkpoints.save
@@ -136,9 +137,35 @@ def test_four_devices_match_one(cache_dir, tmp_path):
 def test_streaming_and_resident_train_identically(cache_dir, tmp_path):
   a, _ = train.train_and_evaluate(small_config(cache_dir, **{'data.placement': 'resident'}), str(tmp_path / 'r'),
                                   progress=False)
-  b, _ = train.train_and_evaluate(small_config(cache_dir, **{'data.placement': 'streaming'}), str(tmp_path / 's'),
-                                  progress=False)
+  # grain worker processes read the cache; the training process only assembles and trains.
+  b, _ = train.train_and_evaluate(small_config(cache_dir, **{'data.placement': 'streaming', 'data.stream_workers': 2}),
+                                  str(tmp_path / 's'), progress=False)
   _assert_same_params(a, b)
+  # The stream's state went into every checkpoint (grain's handler: one file per process).
+  for step in checkpoints.manager(tmp_path / 's', read_only=True).all_steps():
+    state = json.loads((tmp_path / 's' / 'checkpoints' / str(step) / 'data' / 'process_0-of-1.json').read_text())
+    assert state['first_step'] == 0 and state['iterator'], state
+  assert not (tmp_path / 'r' / 'checkpoints' / '8' / 'data').exists()
+
+
+def test_streaming_resumes_from_any_checkpoint_and_rejects_a_foreign_stream_state(cache_dir, tmp_path):
+  full, _ = train.train_and_evaluate(small_config(cache_dir), str(tmp_path / 'full'), progress=False)
+  # A resident run's checkpoint has no stream state: the stream starts at the checkpoint's step.
+  work = tmp_path / 'switch'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1), str(work), progress=False)
+  streamed = small_config(cache_dir, **{'data.placement': 'streaming'})
+  resumed, _ = train.train_and_evaluate(streamed, str(work), progress=False)
+  _assert_same_params(full, resumed)
+  # A stream state that does not lead to the checkpoint's step is refused, not trained on.
+  work = tmp_path / 'tampered'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1, **{'data.placement': 'streaming'}), str(work),
+                           progress=False)
+  path = work / 'checkpoints' / '4' / 'data' / 'process_0-of-1.json'
+  state = json.loads(path.read_text())
+  state['first_step'] += 1
+  path.write_text(json.dumps(state))
+  with pytest.raises(UserError, match='stream delivered steps 5..6 where the training state expects 4..5'):
+    train.train_and_evaluate(streamed, str(work), progress=False)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
