@@ -36,3 +36,40 @@ def test_sharded_precompute_dry_run():
                               '--config.features.num_workers=6', '--config.data.source=/data/photos']
   outside_slurm = _dry('precompute_sharded.slurm', 'configs/default.py')
   assert outside_slurm.returncode != 0 and 'array job' in outside_slurm.stderr
+
+
+def test_multinode_slurm_dry_run():
+  r = _dry('train_multinode.slurm', 'configs/default.py', '/shared/run', '--config.per_device_batch_size=8',
+           SLURM_JOB_ID='7')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'colorflax.train', '--config',
+                              'configs/default.py', '--workdir', '/shared/run', '--config.distributed=True',
+                              '--config.per_device_batch_size=8']
+  # One process per node drives all of the node's GPUs.
+  r = _dry('train_multinode.slurm', 'configs/default.py', '/shared/run', SLURM_JOB_ID='7', PROCESS_PER='node',
+           SLURM_GPUS_ON_NODE='4')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith('JAX_LOCAL_DEVICE_IDS=0,1,2,3 srun ')
+  assert _dry('train_multinode.slurm', 'configs/default.py', '/shared/run', SLURM_JOB_ID='7',
+              PROCESS_PER='socket').returncode == 2
+  outside = _dry('train_multinode.slurm', 'configs/default.py', '/shared/run')
+  assert outside.returncode != 0 and 'sbatch' in outside.stderr
+
+
+def test_tpu_pod_dry_run_runs_one_command_on_every_worker():
+  r = _dry('tpu_pod.sh', 'configs/default.py', '/mnt/shared/run', '--config.data.source=/data/my photos',
+           TPU_NAME='pod', ZONE='us-central2-b', INSTALL='1', PROJECT='proj')
+  assert r.returncode == 0, r.stderr
+  install, train_cmd = r.stdout.strip().splitlines()
+  prefix = 'gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --project proj --worker=all --command '
+  assert install.startswith(prefix) and "pip install -q -e '.[tpu]'" in install
+  assert train_cmd == prefix + ('cd ~/colorflax && python3 -m colorflax.train --config configs/default.py '
+                                '--workdir /mnt/shared/run --config.distributed=True '
+                                '--config.data.source=/data/my\\ photos')
+  # The remote command line is valid shell and keeps the override with a space as one argument.
+  remote = train_cmd[len(prefix):]
+  words = subprocess.run(['bash', '-c', 'for w in ' + remote.split(' && ')[1] + '; do echo "[$w]"; done'],
+                         capture_output=True, text=True).stdout.splitlines()
+  assert words[-1] == '[--config.data.source=/data/my photos]'
+  missing = _dry('tpu_pod.sh', 'configs/default.py', '/mnt/shared/run', ZONE='z')
+  assert missing.returncode != 0 and 'TPU_NAME' in missing.stderr
