@@ -86,7 +86,7 @@ def validate(config):
   _require(config, 'steps_per_dispatch', positive_int, 'a positive integer')
   _require(config, 'num_processes', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'process_id', lambda v: _is_int(v) and v >= -1, 'an integer >= -1')
-  _require(config, 'scan_unroll', lambda v: v in ('auto', 'unroll', 'loop'), "'auto', 'unroll' or 'loop'")
+  _require(config, 'step_loop', lambda v: v in ('auto', 'device', 'host'), "'auto', 'device' or 'host'")
   _require(config, 'checkpoint_every_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'keep_checkpoints', positive_int, 'a positive integer')
   _require(config, 'samples_every_epochs', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')

@@ -80,40 +80,70 @@ def create_state(config, model, tx, plateau, image_size, replicated):
   return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
 
 
-def scan_unroll(config) -> bool:
-  """XLA:CPU runs a while loop's body far slower than the same ops outside one (measured: 8.5 vs
-  0.3 s for the quickstart step), so on CPU the K steps are unrolled into straight-line code."""
-  if config.scan_unroll == 'auto':
-    return jax.devices()[0].platform == 'cpu'
-  return config.scan_unroll == 'unroll'
+def step_loop(config) -> str:
+  """Where a dispatch's K steps loop: 'device' (one lax.scan) or 'host' (K jitted steps queued
+  back to back). XLA:CPU runs a while loop's body ~30x slower than the same ops outside one
+  (quickstart: 9.7 vs 0.30 s/step), and unrolling the K steps into one program instead
+  multiplies its compile time and memory by K (128 px, K=8: 5.0 GB RSS), so CPUs loop on the
+  host, where a dispatch costs nothing next to a step."""
+  if config.step_loop == 'auto':
+    return 'host' if jax.devices()[0].platform == 'cpu' else 'device'
+  return config.step_loop
+
+
+def _step_fn(model, tx, config):
+  """(state, tables, x) -> (state, loss): one optimizer step on the batch `x` selects."""
+  base_key = jax.random.key(config.seed)
+  aug = config.augment
+
+  def one_step(state, tables, x):
+    key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
+    images, emb = device_pipeline.gather(tables, x)
+    l_norm, ab_norm, _ = device_pipeline.lab_batch(images, key, aug, train=True)
+
+    def loss_fn(params):
+      pred, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, l_norm, emb,
+                                  train=True, mutable=['batch_stats'])
+      return jnp.mean(jnp.square(pred - ab_norm)), updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), loss
+
+  return one_step
+
+
+def make_train_step(model, tx, config):
+  """jit(state, tables, xs, i) -> (state, loss): step i of a dispatch's xs (see make_train_chunk)."""
+  one_step = _step_fn(model, tx, config)
+
+  def step(state, tables, xs, i):
+    return one_step(state, tables, jax.tree_util.tree_map(lambda a: a[i], xs))
+
+  return jax.jit(step, donate_argnums=(0,))
 
 
 def make_train_chunk(model, tx, config):
-  """jit(state, tables, xs) -> (state, losses (K,)): K steps in one scan. `xs` holds each step's
-  batch: (K, B) row indices into the resident `tables`, or the streamed (images, embeddings)
-  themselves with `tables` None (see device_pipeline.gather)."""
-  base_key = jax.random.key(config.seed)
-  aug = config.augment
-  unroll = scan_unroll(config)
+  """(state, tables, xs) -> (state, losses (K,)): one dispatch of K steps. `xs` holds each
+  step's batch: (K, B) row indices into the resident `tables`, or the streamed (images,
+  embeddings) themselves with `tables` None (see device_pipeline.gather)."""
+  if step_loop(config) == 'host':
+    step = make_train_step(model, tx, config)
+
+    def host_chunk(state, tables, xs):
+      losses = []
+      for i in range(jax.tree_util.tree_leaves(xs)[0].shape[0]):
+        state, loss = step(state, tables, xs, i)  # queued: nothing here waits for the device
+        losses.append(loss)
+      return state, losses
+
+    return host_chunk
+  one_step = _step_fn(model, tx, config)
 
   def chunk(state, tables, xs):
-    def one_step(state, x):
-      key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
-      images, emb = device_pipeline.gather(tables, x)
-      l_norm, ab_norm, _ = device_pipeline.lab_batch(images, key, aug, train=True)
-
-      def loss_fn(params):
-        pred, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, l_norm, emb,
-                                    train=True, mutable=['batch_stats'])
-        return jnp.mean(jnp.square(pred - ab_norm)), updates['batch_stats']
-
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state), loss
-
-    return jax.lax.scan(one_step, state, xs, unroll=unroll)
+    return jax.lax.scan(lambda state, x: one_step(state, tables, x), state, xs)
 
   return jax.jit(chunk, donate_argnums=(0,))
 
@@ -122,7 +152,7 @@ def make_evaluate(model):
   """jit(variables, tables, x, mask (B,)) -> per-batch sums of per-image metrics (x: as one step of
   make_train_chunk's xs).
 
-  Called once per validation batch from Python (not a scan: see scan_unroll); the sums stay on
+  Called once per validation batch from Python (not a scan: see step_loop); the sums stay on
   the device and are added up there, so the host reads one number per metric per epoch.
   """
 

@@ -52,7 +52,7 @@ def get_config():
   config.per_device_batch_size = 0  # if > 0: global batch = this x device count (batch_size ignored)
   config.eval_batch_size = 0  # 0 = the training batch
   config.steps_per_dispatch = 8  # optimizer steps per host dispatch (one lax.scan)
-  config.scan_unroll = 'auto'  # 'unroll' | 'loop' | 'auto' (unroll on CPU, where XLA loops are slow)
+  config.step_loop = 'auto'  # the K steps: 'device' (lax.scan) | 'host' | 'auto' (host on CPU, device elsewhere)
   config.num_epochs = 60
   config.learning_rate = 1e-3
 

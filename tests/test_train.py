@@ -242,3 +242,18 @@ print('ok')
   r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-2000:]
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'w' / 'tensorboard'))
+
+
+def test_device_and_host_step_loops_train_identically(cache_dir, tmp_path):
+  # 'device' (one lax.scan per dispatch, what GPUs and TPUs run) and 'host' (CPU's default).
+  a, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=1, step_loop='device'), str(tmp_path / 'd'),
+                                  progress=False)
+  b, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=1, step_loop='host'), str(tmp_path / 'h'),
+                                  progress=False)
+  assert int(a.step) == int(b.step) == 4
+  # Two different XLA programs round float32 differently (as 1 vs 4 devices do), and Adam turns
+  # rounding-level gradients into steps of up to lr: same tolerance as test_four_devices_match_one.
+  _assert_same_params(a, b, tol=1e-4)
+  la, lb = ([json.loads(l)['train_loss'] for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+            for d in ('d', 'h'))
+  assert la == pytest.approx(lb, rel=1e-5)
