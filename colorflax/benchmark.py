@@ -6,7 +6,9 @@ Timings are medians of several repeats after compilation/warm-up, with device sy
 """
 
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -21,6 +23,7 @@ _JSON = cli.define_string('json', None, 'Write the results to this JSON file.')
 _REPEATS = cli.define_integer('repeats', 5, 'Timed repeats per measurement (the median is reported).')
 _TORCH = cli.define_bool('torch', True, 'Also time the PyTorch reference step.')
 _EPOCH_IMAGES = cli.define_integer('epoch_images', 0, 'Images in the timed epoch (0 = skip the epoch run).')
+_STREAM_IMAGES = cli.define_integer('stream_images', 0, 'Images in the streaming input pipeline run (0 = skip it).')
 
 
 def _median_time(fn, repeats):
@@ -32,14 +35,11 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def step_flops(model, tx, config, state, images, emb, idx_one):
-  """XLA's FLOP count of one training step. Counted on the unrolled program: XLA's cost
+def step_flops(model, tx, config, state, tables, xs):
+  """XLA's FLOP count of one training step, counted on the single-step program: XLA's cost
   analysis does not multiply a while loop's body by its trip count."""
   from colorflax import train
-  with config.unlocked():
-    one = config.copy_and_resolve_references()
-    one.scan_unroll = 'unroll'
-  lowered = train.make_train_chunk(model, tx, one).lower(state, images, emb, idx_one)
+  lowered = train.make_train_step(model, tx, config).lower(state, tables, xs, 0)
   for analysis in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
     cost = analysis()  # the unoptimised HLO's count where the backend gives one (CPU), else the compiled one
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -49,7 +49,8 @@ def step_flops(model, tx, config, state, images, emb, idx_one):
 
 
 def jax_step(config, repeats):
-  """colorflax's jitted K-step dispatch on device-resident random data: images/s and FLOPs."""
+  """colorflax's K-step dispatch (train.make_train_chunk) on device-resident random data:
+  images/s and FLOPs."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -69,19 +70,19 @@ def jax_step(config, repeats):
   images = jax.device_put(rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), replicated)
   emb = jax.device_put(rng.normal(size=(n, model.embedding_dim)).astype(np.float32), replicated)
   idx = jax.device_put(rng.integers(0, n, (k, batch)).astype(np.int32), NamedSharding(mesh, P(None, 'data')))
-  chunk = train.make_train_chunk(model, tx, config)
-  compiled = chunk.lower(state, images, emb, idx).compile()
-  flops_per_image = step_flops(model, tx, config, state, images, emb, idx[:1]) / batch
+  flops_per_image = step_flops(model, tx, config, state, (images, emb), idx) / batch
+  chunk = train.make_train_chunk(model, tx, config)  # compiled by the warm-up run
   holder = {'state': state}
 
   def run():
-    holder['state'], losses = compiled(holder['state'], images, emb, idx)
+    holder['state'], losses = chunk(holder['state'], (images, emb), idx)
     jax.block_until_ready(losses)
 
   run()  # warm-up
   seconds = _median_time(run, repeats) / k
   return {'jax_step_seconds': seconds, 'jax_step_images_per_sec': batch / seconds,
           'flops_per_image': flops_per_image, 'batch_size': batch, 'devices': len(devices),
+          'step_loop': train.step_loop(config),
           'device': f'{len(devices)}x {devices[0].device_kind}'}
 
 
@@ -118,7 +119,7 @@ def torch_step(config, repeats):
   seconds = _median_time(run, repeats)
   out = {'torch_step_seconds': seconds, 'torch_step_images_per_sec': b / seconds}
   if dev.type == 'cuda':
-    out['torch_peak_memory_bytes'] = int(torch.cuda.max_memory_allocated())
+    out['torch_step_peak_device_bytes'] = int(torch.cuda.max_memory_allocated())
   return out
 
 
@@ -137,58 +138,227 @@ def matmul_peak(dtype_name, repeats):
   return 2.0 * n ** 3 / seconds
 
 
-def jax_epoch(config, num_images):
-  """A real training epoch (train_and_evaluate) on a cache of random images: images/s."""
-  from colorflax import features_cache, train
+def _random_cache(cache_dir, config, num_images):
+  """A features cache of random images and embeddings at `config`'s sizes (no Inception needed)."""
+  from colorflax import features_cache
   from colorflax.model import EMBEDDING_DIMS
+  s, d = config.data.image_size, EMBEDDING_DIMS[config.features.kind]
+  writer = features_cache.CacheWriter(cache_dir, s, d)
+  rng = np.random.default_rng(0)
+  for start in range(0, num_images, 256):
+    n = min(256, num_images - start)
+    writer.append(rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+                  rng.normal(size=(n, d)).astype(np.float32), [str(i) for i in range(start, start + n)])
+  writer.finish({'image_size': s, 'embedding_dim': d, 'embedding_kind': config.features.kind})
+  return cache_dir
+
+
+def jax_epoch(config, cache_dir):
+  """A real training epoch of colorflax (train_and_evaluate) on the cache: images/s."""
+  from colorflax import train
 
   with tempfile.TemporaryDirectory() as tmp:
-    cache_dir = os.path.join(tmp, 'cache')
-    s, d = config.data.image_size, EMBEDDING_DIMS[config.features.kind]
-    writer = features_cache.CacheWriter(cache_dir, s, d)
-    rng = np.random.default_rng(0)
-    for start in range(0, num_images, 256):
-      n = min(256, num_images - start)
-      writer.append(rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-                    rng.normal(size=(n, d)).astype(np.float32), [str(i) for i in range(start, start + n)])
-    writer.finish({'image_size': s, 'embedding_dim': d, 'embedding_kind': config.features.kind})
     with config.unlocked():
       config.data.cache_dir = cache_dir
       config.num_epochs = 2  # the first epoch includes compilation; the second is the figure
       config.samples_every_epochs = 0
     _, last = train.train_and_evaluate(config, os.path.join(tmp, 'work'), progress=False)
-  return {'jax_epoch_images_per_sec': last['images_per_sec'], 'epoch_train_images': int(num_images * (1 - config.data.val_fraction))}
+  return {'jax_epoch_images_per_sec': last['images_per_sec']}
 
 
-def run(config, repeats=5, with_torch=True, epoch_images=0):
+class _SeedDataset:
+  """The prototype's input pipeline over a cache's images: PIL image -> torchvision RandomAffine
+  (rotation, shear) + horizontal flip on the host -> float tensor in [0, 1] (HWC)."""
+
+  def __init__(self, images, config):
+    import torchvision.transforms as T
+    a = config.augment
+    self.images = images
+    shear = float(np.degrees(np.arctan(a.shear)))  # torchvision takes shear in degrees
+    self.transform = T.Compose([T.RandomAffine(a.rotation_degrees, shear=shear),
+                                T.RandomHorizontalFlip(a.flip_probability)])
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    from PIL import Image
+    image = self.transform(Image.fromarray(np.asarray(self.images[i])))
+    return np.asarray(image, np.float32) / 255.0
+
+
+def seed_pipeline_epoch(config, cache_dir, train_rows):
+  """One epoch of a seed-style PyTorch training loop over the cache's training images: host
+  augmentation in a DataLoader, per-batch RGB->Lab with scikit-image, Inception-v3 recomputed on
+  every batch (grayscale stacked x3 at the training size, as the prototype did), then the
+  reference model's forward/backward/Adam step (channels-first float32, as the prototype)."""
+  import torch
+  import torchvision
+  from skimage import color as skcolor
+
+  from colorflax.reference import EncDec
+
+  if config.model.width != 1.0:
+    return {}  # the reference exists at the seed's width only
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  images = np.load(os.path.join(cache_dir, 'images.npy'), mmap_mode='r')
+  loader = torch.utils.data.DataLoader(_SeedDataset(images[np.sort(train_rows)], config),
+                                       batch_size=config.batch_size, shuffle=True, drop_last=True)
+  inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).to(dev).eval()
+  model = EncDec(1000).to(dev)
+  opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+
+  def step(rgb):
+    lab = skcolor.rgb2lab(rgb.numpy())  # per batch, on the host
+    L = torch.from_numpy(lab[..., :1] / 100.0).float().permute(0, 3, 1, 2).to(dev)
+    ab = torch.from_numpy(lab[..., 1:] / 128.0).float().permute(0, 3, 1, 2).to(dev)
+    with torch.no_grad():
+      gray = L.expand(-1, 3, -1, -1)
+      if gray.shape[-1] < 75:  # Inception-v3's smallest input
+        gray = torch.nn.functional.interpolate(gray, size=(75, 75), mode='bilinear')
+      embedding = inception(gray)
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(model(L, embedding), ab)
+    loss.backward()
+    opt.step()
+    return loss
+
+  batches = iter(loader)
+  step(next(batches))  # warm-up (allocator, thread pools)
+  if dev.type == 'cuda':
+    torch.cuda.synchronize()
+  t, n = time.perf_counter(), 0
+  for rgb in batches:
+    step(rgb)
+    n += len(rgb)
+  if dev.type == 'cuda':
+    torch.cuda.synchronize()
+  out = {'seed_pipeline_epoch_images_per_sec': n / (time.perf_counter() - t), 'seed_pipeline_epoch_images': n}
+  if dev.type == 'cuda':
+    out['seed_pipeline_peak_device_bytes'] = int(torch.cuda.max_memory_allocated())
+  return out
+
+
+def stream_throughput(config, num_images, workers):
+  """Images/s the streaming input pipeline delivers as global device arrays, with no training
+  step consuming them: grain reading the memory-mapped cache, K-step stacking, host->device."""
+  import jax
+
+  from colorflax import device_pipeline, streaming, train
+
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  batch = train.global_batch_size(config, len(devices))
+  with tempfile.TemporaryDirectory() as tmp, config.unlocked():
+    config.data.stream_workers = workers
+    cache_dir = _random_cache(os.path.join(tmp, 'cache'), config, num_images)
+    train_rows, val_rows = device_pipeline.split_indices(num_images, config.data.val_fraction, config.seed)
+    steps_per_epoch = len(train_rows) // batch
+    feeder = streaming.StreamFeeder(cache_dir, train_rows, val_rows, mesh, config, batch, steps_per_epoch, batch,
+                                    total_steps=2 * steps_per_epoch, start_step=0)
+    sizes = device_pipeline.dispatch_sizes(0, steps_per_epoch, config.steps_per_dispatch)
+    for _, xs in feeder.train_dispatches(0, sizes[:1]):  # worker start-up is not throughput
+      jax.block_until_ready(xs)
+    t, images = time.perf_counter(), 0
+    for _, xs in feeder.train_dispatches(sizes[0], sizes[1:]):
+      jax.block_until_ready(xs)
+      images += xs[0].shape[0] * xs[0].shape[1]
+    seconds = time.perf_counter() - t
+    feeder.close()
+  return {'stream_images_per_sec': images / seconds, 'stream_images_timed': images, 'stream_workers': workers}
+
+
+def epochs(config, num_images, with_torch):
+  """colorflax's training epoch and the seed-style PyTorch epoch, on the same random images."""
+  from colorflax import device_pipeline
+  with tempfile.TemporaryDirectory() as tmp:
+    cache_dir = _random_cache(os.path.join(tmp, 'cache'), config, num_images)
+    train_rows, _ = device_pipeline.split_indices(num_images, config.data.val_fraction, config.seed)
+    out = {'epoch_train_images': len(train_rows)}
+    out.update(_isolated('jax_epoch', config, cache_dir))
+    if with_torch:
+      out.update(_isolated('seed_pipeline_epoch', config, cache_dir, train_rows))
+  if 'seed_pipeline_epoch_images_per_sec' in out:
+    out['epoch_ratio'] = out['jax_epoch_images_per_sec'] / out['seed_pipeline_epoch_images_per_sec']
+  return out
+
+
+_MEMORY_PREFIX = {'jax_step': 'jax_step', 'torch_step': 'torch_step', 'jax_epoch': 'jax_epoch',
+                  'seed_pipeline_epoch': 'seed_pipeline'}
+
+
+def _measure_in_child(name, args):
+  out = globals()[name](*args)
+  prefix = _MEMORY_PREFIX[name]
+  out[f'{prefix}_peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+  if name.startswith('jax'):
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      out[f'{prefix}_peak_device_bytes'] = int(stats['peak_bytes_in_use'])
+  return out
+
+
+def _isolated(name, *args):
+  """Measurement `name` of this module in a fresh process, so its peak memory is its own."""
+  with multiprocessing.get_context('spawn').Pool(1) as pool:
+    return pool.apply(_measure_in_child, (name, args))
+
+
+def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0):
   results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
              'steps_per_dispatch': config.steps_per_dispatch}
-  results.update(jax_step(config, repeats))
+  results.update(_isolated('jax_step', config, repeats))
   if with_torch:
-    results.update(torch_step(config, repeats))
+    results.update(_isolated('torch_step', config, repeats))
     if 'torch_step_images_per_sec' in results:
       results['step_ratio'] = results['jax_step_images_per_sec'] / results['torch_step_images_per_sec']
   peak = matmul_peak(config.model.dtype, repeats)
   results['peak_flops'] = peak
   results['achieved_flops'] = results['flops_per_image'] * results['jax_step_images_per_sec']
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0
+  if stream_images:
+    results.update(stream_throughput(config, stream_images, config.data.stream_workers))
+    results['stream_margin'] = results['stream_images_per_sec'] / results['jax_step_images_per_sec']
   if epoch_images:
     try:
-      results.update(jax_epoch(config, epoch_images))
+      results.update(epochs(config, epoch_images, with_torch))
     except Exception as e:  # keep the step figures even if the epoch run fails
       results['epoch_error'] = f'{type(e).__name__}: {e}'
   return results
 
 
+def _memory(r, prefix):
+  """' peak 1.2 GB device' / ' peak RSS 3.4 GB' for a measurement, or '' if not measured."""
+  if f'{prefix}_peak_device_bytes' in r:
+    return f"  peak {r[f'{prefix}_peak_device_bytes'] / 1e9:.2f} GB device"
+  if f'{prefix}_peak_rss_bytes' in r:
+    return f"  peak RSS {r[f'{prefix}_peak_rss_bytes'] / 1e9:.2f} GB"
+  return ''
+
+
 def format_table(r):
   lines = [f"{r['device']}, {r['image_size']} px, global batch {r['batch_size']}, {r['dtype']}, width {r['model_width']}",
-           f"  colorflax step   {r['jax_step_images_per_sec']:10.1f} img/s  ({r['jax_step_seconds'] * 1e3:.2f} ms/step)"]
+           f"  colorflax step   {r['jax_step_images_per_sec']:10.1f} img/s  ({r['jax_step_seconds'] * 1e3:.2f} ms/step)"
+           + _memory(r, 'jax_step')]
   if 'torch_step_images_per_sec' in r:
-    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s  ratio {r['step_ratio']:.2f}")
+    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s  ratio {r['step_ratio']:.2f}"
+                 + _memory(r, 'torch_step'))
   lines.append(f"  FLOPs/image {r['flops_per_image'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e12:.2f} TFLOP/s; "
                f"matmul peak {r['peak_flops'] / 1e12:.2f} TFLOP/s; MFU {100 * r['mfu']:.1f}%")
+  if 'stream_images_per_sec' in r:
+    lines.append(f"  streaming input  {r['stream_images_per_sec']:10.1f} img/s  ({r['stream_workers']} grain workers; "
+                 f"{r['stream_margin']:.1f}x what the step consumes)")
   if 'jax_epoch_images_per_sec' in r:
-    lines.append(f"  training epoch   {r['jax_epoch_images_per_sec']:10.1f} img/s over {r['epoch_train_images']} images")
+    lines.append(f"  colorflax epoch  {r['jax_epoch_images_per_sec']:10.1f} img/s over {r['epoch_train_images']} images"
+                 + _memory(r, 'jax_epoch'))
+  if 'seed_pipeline_epoch_images_per_sec' in r:
+    lines.append(f"  seed-style epoch {r['seed_pipeline_epoch_images_per_sec']:10.1f} img/s  ratio {r['epoch_ratio']:.2f}"
+                 + _memory(r, 'seed_pipeline'))
+  if 'epoch_error' in r:
+    lines.append(f"  epoch run failed: {r['epoch_error']}")
   return '\n'.join(lines)
 
 
@@ -196,7 +366,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.load_config(_CONFIG)
-  results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value)
+  results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value)
   print(format_table(results))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

@@ -19,7 +19,7 @@ def test_benchmark_measures_both_frameworks_and_counts_flops():
   config.data.image_size = 32
   config.batch_size = 4
   config.steps_per_dispatch = 2
-  r = benchmark.run(config, repeats=1, with_torch=True)
+  r = benchmark.run(config, repeats=1, with_torch=True, stream_images=160, epoch_images=48)
   for key in ('device', 'image_size', 'batch_size', 'dtype', 'jax_step_images_per_sec', 'torch_step_images_per_sec',
               'step_ratio', 'flops_per_image', 'achieved_flops', 'peak_flops', 'mfu'):
     assert key in r
@@ -28,4 +28,14 @@ def test_benchmark_measures_both_frameworks_and_counts_flops():
   assert 2.0 < r['flops_per_image'] / _forward_flops(32) < 3.2
   assert r['step_ratio'] == pytest.approx(r['jax_step_images_per_sec'] / r['torch_step_images_per_sec'])
   assert 0 < r['mfu'] < 1
-  assert 'batch 4' in benchmark.format_table(r)
+  # The streaming pipeline delivered every step of the measured epoch (120 train images / batch 4).
+  assert r['stream_images_timed'] == (120 // 4 - 2) * 4 and r['stream_images_per_sec'] > 0
+  assert r['stream_margin'] == pytest.approx(r['stream_images_per_sec'] / r['jax_step_images_per_sec'])
+  # Both epochs ran over the same 36 training images (the seed-style one times all but its
+  # warm-up batch), each measurement in its own process with its own peak memory.
+  assert r['epoch_train_images'] == 36 and r['seed_pipeline_epoch_images'] == (36 // 4 - 1) * 4
+  assert r['epoch_ratio'] == pytest.approx(r['jax_epoch_images_per_sec'] / r['seed_pipeline_epoch_images_per_sec'])
+  for prefix in ('jax_step', 'torch_step', 'jax_epoch', 'seed_pipeline'):
+    assert r[f'{prefix}_peak_rss_bytes'] > 50e6, prefix  # a process with its framework loaded
+  table = benchmark.format_table(r)
+  assert 'batch 4' in table and 'streaming input' in table and 'seed-style epoch' in table and 'peak RSS' in table
