@@ -5,6 +5,7 @@ measured matmul peak (MFU).
 Timings are medians of several repeats after compilation/warm-up, with device synchronisation.
 """
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -303,8 +304,8 @@ def _measure_in_child(name, args):
 
 def _isolated(name, *args):
   """Measurement `name` of this module in a fresh process, so its peak memory is its own."""
-  with multiprocessing.get_context('spawn').Pool(1) as pool:
-    return pool.apply(_measure_in_child, (name, args))
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+    return pool.submit(_measure_in_child, name, args).result()
 
 
 def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0):
