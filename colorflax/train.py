@@ -234,6 +234,7 @@ def initialize_distributed(config):
 def train_and_evaluate(config, workdir, progress=True):
   """Trains (or resumes) in `workdir`; returns the final TrainState and the last epoch's metrics."""
   initialize_distributed(config)
+  log = print if jax.process_index() == 0 else (lambda *args: None)  # one process speaks for all
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
   features_cache.check_matches_config(cache, config, precompute_command())
@@ -269,7 +270,7 @@ def train_and_evaluate(config, workdir, progress=True):
   if mngr.latest_step() is not None:
     wanted = streaming.IteratorState() if mode == 'streaming' else None
     state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
-    print(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
+    log(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
   checkpoints.write_config(workdir, config)  # num_epochs etc. may have changed on resume
   start_step = int(state.step)
   if mode == 'resident':
@@ -296,7 +297,7 @@ def train_and_evaluate(config, workdir, progress=True):
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
     return {k: float(v) / len(val_rows) for k, v in jax.device_get(totals).items()}
 
-  print(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
+  log(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
         f'{len(val_rows)} val images, global batch {batch}, {steps_per_epoch} steps/epoch, data {mode}, '
         f'steps {start_step}->{total_steps}')
   run_start = time.time()
@@ -349,7 +350,7 @@ def train_and_evaluate(config, workdir, progress=True):
   mngr.close()
   report.close()
   if last is not None:
-    print(f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR {last["val_psnr"]:.2f} dB '
+    log(f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR {last["val_psnr"]:.2f} dB '
           f'(grayscale baseline {last["val_psnr_gray"]:.2f} dB), {time.time() - run_start:.0f}s')
   return state, last
 

@@ -66,6 +66,8 @@ def test_two_processes_match_one_process_with_four_devices(single_process_run, t
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  # Only process 0 speaks (and writes metrics, below).
+  assert 'training on 4 cpu device(s)' in outs[0][0] and 'training on' not in outs[1][0]
   # Each process holds (and, streaming, reads) only its half of every global batch of 8.
   assert 'process 0 of 2 devices 4 reads batch positions [0, 1, 2, 3]' in outs[0][0], outs[0][0]
   assert 'process 1 of 2 devices 4 reads batch positions [4, 5, 6, 7]' in outs[1][0], outs[1][0]
