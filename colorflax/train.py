@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
 from colorflax import model as model_lib
-from colorflax import metrics, reporting, streaming
+from colorflax import metrics, reporting
 from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -267,6 +267,8 @@ def train_and_evaluate(config, workdir, progress=True):
 
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   stream_state = None
+  if mode == 'streaming':
+    from colorflax import streaming  # grain: imported only by runs that stream
   if mngr.latest_step() is not None:
     wanted = streaming.IteratorState() if mode == 'streaming' else None
     state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
