@@ -280,7 +280,11 @@ def epochs(config, num_images, with_torch):
     out = {'epoch_train_images': len(train_rows)}
     out.update(_isolated('jax_epoch', config, cache_dir))
     if with_torch:
-      out.update(_isolated('seed_pipeline_epoch', config, cache_dir, train_rows))
+      try:  # keep colorflax's epoch if the PyTorch side cannot run (e.g. no scikit-image)
+        out.update(_isolated('seed_pipeline_epoch', config, cache_dir, train_rows))
+      except Exception as e:
+        out['seed_pipeline_error'] = f'{type(e).__name__}: {e}'
+        print(f'seed-style epoch failed: {out["seed_pipeline_error"]}')
   if 'seed_pipeline_epoch_images_per_sec' in out:
     out['epoch_ratio'] = out['jax_epoch_images_per_sec'] / out['seed_pipeline_epoch_images_per_sec']
   return out

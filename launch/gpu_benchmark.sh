@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one call, for a lent GPU machine or your own (needs: a CUDA jax,
-# torch, and colorflax's dependencies; installs nothing from the network).
+# torch, and colorflax's dependencies, scikit-image for the seed-style PyTorch epoch; installs
+# nothing from the network). Each measurement runs in its own process and records its peak
+# device memory; the epoch runs also time the seed-style PyTorch pipeline on the same images.
 #   bash launch/gpu_benchmark.sh [OUTDIR]      (default: benchmarks/gpu)
 # Writes one JSON per setting and prints a table of each; see BENCHMARKS.md.
 set -euo pipefail
