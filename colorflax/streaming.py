@@ -31,8 +31,8 @@ from colorflax.errors import UserError
 
 
 class CacheRows:
-  """Random access to the features cache's rows, memory-mapped lazily in each process that
-  reads (so it pickles to grain's worker processes as two paths)."""
+  """Random access to the features cache's rows (`read`), memory-mapped lazily in each process
+  that reads (so it pickles to grain's worker processes as two paths)."""
 
   def __init__(self, cache_dir):
     self.paths = (os.path.join(cache_dir, 'images.npy'), os.path.join(cache_dir, 'embeddings.npy'))
@@ -46,13 +46,6 @@ class CacheRows:
     if self._arrays is None:
       self._arrays = tuple(np.load(p, mmap_mode='r') for p in self.paths)
     return self._arrays
-
-  def __len__(self):
-    return len(self.arrays[0])
-
-  def __getitem__(self, row):
-    images, embeddings = self.arrays
-    return images[row], embeddings[row]
 
   def read(self, rows):
     """(images, embeddings) of `rows`, in that order; the files are read in ascending order."""
@@ -140,7 +133,7 @@ class StreamFeeder:
   def __init__(self, cache_dir, train_rows, val_rows, mesh, config, batch, steps_per_epoch, eval_batch,
                total_steps, start_step, restored: IteratorState | None = None):
     self.cache_dir, self.val_rows, self.config, self.eval_batch = cache_dir, val_rows, config, eval_batch
-    self.mesh, self.batch = mesh, batch
+    self.batch = batch
     self.dispatch_sharding = NamedSharding(mesh, P(None, 'data'))
     self.batch_sharding = NamedSharding(mesh, P('data'))
     positions = process_positions(self.batch_sharding, batch)
@@ -160,9 +153,11 @@ class StreamFeeder:
       self.iterator.set_state(restored.iterator_state)
     self.prefetch = 2  # dispatches assembled ahead of the one running
 
-  def _global(self, local, sharding, batch_axis):
+  @staticmethod
+  def _global(local, sharding, batch_axis, global_batch):
+    """The global array whose slice on this process's devices is `local`."""
     shape = list(local.shape)
-    shape[batch_axis] = self.batch if sharding is self.dispatch_sharding else self.eval_batch
+    shape[batch_axis] = global_batch
     return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
 
   def _assemble(self, elements, expected_first):
@@ -171,7 +166,7 @@ class StreamFeeder:
       raise UserError(f'the data stream delivered steps {steps[0]}..{steps[-1]} where the training state '
                       f'expects {expected_first}..{expected_first + len(elements) - 1}: the checkpoint\'s '
                       f'stream state does not belong to its step')
-    return tuple(self._global(np.stack([e[key] for e in elements]), self.dispatch_sharding, 1)
+    return tuple(self._global(np.stack([e[key] for e in elements]), self.dispatch_sharding, 1, self.batch)
                  for key in ('images', 'embeddings'))
 
   def train_dispatches(self, first_step, sizes):
@@ -217,7 +212,8 @@ class StreamFeeder:
     n = -(-len(self.val_rows) // self.eval_batch)
     ds = grain.MapDataset.range(n).map(EvalBatch(self.cache_dir, self.val_rows, self.eval_batch, positions))
     for e in ds.to_iter_dataset(_read_options(self.config)):
-      yield None, tuple(self._global(e[key], self.batch_sharding, 0) for key in ('images', 'embeddings'))
+      yield None, tuple(self._global(e[key], self.batch_sharding, 0, self.eval_batch)
+                        for key in ('images', 'embeddings'))
 
   def checkpoint_state(self):
     return self.state

@@ -126,7 +126,7 @@ def make_train_step(model, tx, config):
 
 
 def make_train_chunk(model, tx, config):
-  """(state, tables, xs) -> (state, losses (K,)): one dispatch of K steps. `xs` holds each
+  """(state, tables, xs) -> (state, the K losses): one dispatch of K steps. `xs` holds each
   step's batch: (K, B) row indices into the resident `tables`, or the streamed (images,
   embeddings) themselves with `tables` None (see device_pipeline.gather)."""
   if step_loop(config) == 'host':
