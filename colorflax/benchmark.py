@@ -83,7 +83,7 @@ def jax_step(config, repeats):
   seconds = _median_time(run, repeats) / k
   return {'jax_step_seconds': seconds, 'jax_step_images_per_sec': batch / seconds,
           'flops_per_image': flops_per_image, 'batch_size': batch, 'devices': len(devices),
-          'step_loop': train.step_loop(config),
+          'step_loop': train.step_loop(config), 'weight_grad_tile': model.weight_grad_tile,
           'device': f'{len(devices)}x {devices[0].device_kind}'}
 
 

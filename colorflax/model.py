@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from colorflax import tiled_conv
+
 EMBEDDING_DIMS = {'logits': 1000, 'probs': 1000, 'pool': 2048}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -25,15 +27,55 @@ def _torch_uniform(key, shape, dtype, fan_in):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _torch_conv(x, features, kernel, dtype, name):
+def _torch_conv(x, features, kernel, dtype, name, weight_grad_tile=0):
   """'same' convolution initialised like `torch.nn.Conv2d`: weights and bias U(±1/sqrt(fan_in))."""
   init = functools.partial(_torch_uniform, fan_in=x.shape[-1] * kernel * kernel)
-  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype,
-                 kernel_init=init, bias_init=init, name=name)(x)
+  # Layers with a handful of input or output channels (enc1, the last two) have a negligible
+  # weight gradient: tiling them would only add hundreds of pieces to compile.
+  tiled = weight_grad_tile and min(x.shape[-1], features) >= tiled_conv.MIN_CHANNELS
+  conv_fn = tiled_conv.flax_conv_fn(weight_grad_tile) if tiled else None
+  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype, kernel_init=init,
+                 bias_init=init, conv_general_dilated=conv_fn, name=name)(x)
 
 
+@jax.custom_vjp
 def _max_pool(x):
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+  """2x2 max pool, stride 2, as a reshape + max: the values of `nn.max_pool`, and the gradient
+  of PyTorch's max_pool2d (all of it to the first maximum of each window, in row-major order).
+
+  Why not `nn.max_pool`: XLA:CPU expands its gradient (select_and_scatter) into index arrays
+  and a scatter, ~15 % of the CPU step. Why not autodiff of `jnp.max`: it finds the maxima by
+  comparing the input with the output, and XLA may recompute the input inside that fusion
+  with different rounding (seen after BatchNorm, whose output ties wherever the ReLU before
+  it gave zeros), which sends gradient to the wrong elements. Here each window's first
+  maximum is chosen by comparing its four elements with each other.
+  """
+  return _max_pool_fwd(x)[0]
+
+
+def _windows(x):
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x):
+  return jnp.max(_windows(x), axis=(2, 4)), x
+
+
+def _max_pool_bwd(x, g):
+  x6 = _windows(x)
+  elems = [x6[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]  # PyTorch's scan order
+  best, first = elems[0], jnp.zeros(g.shape, jnp.int8)
+  for k in (1, 2, 3):
+    later_is_larger = elems[k] > best
+    first = jnp.where(later_is_larger, jnp.int8(k), first)
+    best = jnp.where(later_is_larger, elems[k], best)
+  part = [jnp.where(first == k, g, jnp.zeros_like(g)) for k in range(4)]
+  rows = [jnp.stack(part[2 * i:2 * i + 2], axis=3) for i in (0, 1)]  # (b, h/2, w/2, 2, c)
+  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _upsample(x):
@@ -53,11 +95,13 @@ class Colorizer(nn.Module):
   `__call__(L, embedding, train)`: L is (B, H, W, 1) = L*/100 in [0, 1], H and W divisible by
   8; embedding is (B, embedding_dim). Returns (B, H, W, 2) = predicted ab/128, float32.
   `width` scales every hidden layer (1.0 is the seed); `dtype` is the compute dtype, the
-  parameters stay float32.
+  parameters stay float32. `weight_grad_tile` > 0 computes the convolutions' weight gradients
+  per image and tile of that size (`tiled_conv`: faster on XLA:CPU, the same values).
   """
   width: float = 1.0
   embedding_dim: int = 1000
   dtype: Any = jnp.float32
+  weight_grad_tile: int = 0
 
   def _ch(self, n):
     return max(1, int(round(n * self.width)))
@@ -71,7 +115,7 @@ class Colorizer(nn.Module):
     if embedding.shape != (L.shape[0], self.embedding_dim):
       raise ValueError(f'embedding must be ({L.shape[0]}, {self.embedding_dim}), got {embedding.shape}')
     c = self._ch
-    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name))
+    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name, self.weight_grad_tile))
     # PyTorch BatchNorm2d defaults: eps 1e-5, running-stat momentum 0.1 (Flax: 0.9).
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, name=name)
@@ -115,11 +159,29 @@ class Colorizer(nn.Module):
     return x.astype(jnp.float32)
 
 
+# The fastest of 16/32/64 px tiles and whole images, one image per piece, on the seed's
+# layers (BENCHMARKS.md).
+AUTO_WEIGHT_GRAD_TILE = 32
+
+
+def weight_grad_tile(config) -> int:
+  """`model.weight_grad_tile` as a number: 'auto' is tiled on a single CPU device (see
+  tiled_conv), XLA's own (0) elsewhere: accelerators are fast without it, and with the batch
+  sharded over several devices each one-image piece would be cut out of one device's shard
+  and summed across devices. A command-line override of 'auto' arrives as a string."""
+  tile = config.model.get('weight_grad_tile', 'auto')  # configs saved before it existed
+  if tile == 'auto':
+    single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
+    return AUTO_WEIGHT_GRAD_TILE if single_cpu else 0
+  return int(tile)
+
+
 def model_from_config(config) -> Colorizer:
   """The model a config describes; the embedding size follows the feature kind."""
   return Colorizer(width=config.model.width,
                    embedding_dim=EMBEDDING_DIMS[config.features.kind],
-                   dtype=DTYPES[config.model.dtype])
+                   dtype=DTYPES[config.model.dtype],
+                   weight_grad_tile=weight_grad_tile(config))
 
 
 def init_variables(model: Colorizer, rng, image_size: int = 64):

@@ -39,6 +39,9 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.width = 1.0  # multiplies every hidden layer's channels; 1.0 is the seed
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
+  # Convolution weight gradients: 'auto' (per image and 32 px tile on CPU, where that is 2-4x
+  # faster; XLA's own elsewhere), 0 (XLA's own) or a tile size. Same values either way.
+  config.model.weight_grad_tile = 'auto'
 
   config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
   config.data.device_budget_fraction = 0.5  # 'auto': at most this share of free device memory

@@ -107,3 +107,38 @@ def test_convert_cli_writes_a_restorable_orbax_checkpoint(seed_pth, tmp_path):
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert again.returncode == 2 and '--overwrite' in again.stderr
   assert len(again.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('weight_grad_tile', [0, 16])
+def test_training_gradients_match_pytorch(weight_grad_tile):
+  """One training-mode backward pass (batch statistics, MSE on ab) gives PyTorch's gradients,
+  with XLA's own convolution weight gradients and with the tiled ones (tiled_conv); the
+  reshape max pool routes gradients as PyTorch's max_pool2d does."""
+  torch_model = _random_seed_model(seed=1).train()
+  rng = np.random.default_rng(7)
+  L = rng.random((2, 32, 48, 1), dtype=np.float32)
+  e = rng.normal(size=(2, 1000)).astype(np.float32)
+  target = rng.uniform(-1, 1, (2, 32, 48, 2)).astype(np.float32)
+  loss = torch.nn.functional.mse_loss(
+      torch_model(torch.from_numpy(L.transpose(0, 3, 1, 2)), torch.from_numpy(e)),
+      torch.from_numpy(target.transpose(0, 3, 1, 2)))
+  loss.backward()
+  grads_sd = dict(torch_model.state_dict())
+  grads_sd.update({name: p.grad for name, p in torch_model.named_parameters()})
+  _, ref = convert.torch_to_flax(grads_sd)
+
+  _, variables = convert.torch_to_flax(torch_model.state_dict())
+  model = convert.model_lib.Colorizer(weight_grad_tile=weight_grad_tile)
+
+  def loss_fn(params):
+    pred, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, L, e,
+                          train=True, mutable=['batch_stats'])
+    return jax.numpy.mean(jax.numpy.square(pred - target))
+
+  value, grads = jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
+  assert abs(float(value) - loss.item()) <= 1e-5
+  for path, ours in jax.tree_util.tree_leaves_with_path(grads):
+    want = ref['params'][path[0].key][path[1].key]
+    scale = np.abs(want).max()
+    assert scale > 0, path
+    np.testing.assert_allclose(np.asarray(ours), want, atol=2e-4 * scale, rtol=0, err_msg=str(path))

@@ -257,3 +257,16 @@ def test_device_and_host_step_loops_train_identically(cache_dir, tmp_path):
   la, lb = ([json.loads(l)['train_loss'] for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
             for d in ('d', 'h'))
   assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_tiled_weight_gradients_train_like_xla(cache_dir, tmp_path):
+  # model.weight_grad_tile (CPU's 'auto') against XLA's own convolution weight gradients.
+  runs = {}
+  for tile in (0, 8):
+    config = small_config(cache_dir, num_epochs=1, num_devices=1, **{'model.weight_grad_tile': str(tile)})
+    runs[tile], _ = train.train_and_evaluate(config, str(tmp_path / str(tile)), progress=False)
+  assert int(runs[0].step) == int(runs[8].step) == 4
+  _assert_same_params(runs[0], runs[8], tol=1e-4)  # float rounding, amplified by Adam (see above)
+  la, lb = ([json.loads(l)['train_loss'] for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+            for d in ('0', '8'))
+  assert la == pytest.approx(lb, rel=1e-5)
