@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +73,22 @@ def test_training_mode_updates_batch_stats():
   before = variables['batch_stats']['enc2_5']['mean']
   after = updates['batch_stats']['enc2_5']['mean']
   assert not np.allclose(before, after)
+
+
+@pytest.mark.parametrize('weight_grad_tile', [0, 8])
+def test_upsample_concat_conv_is_the_plain_layer(weight_grad_tile):
+  # dec3_0's polyphase form against upsample -> concatenate -> 5x5 conv, values and gradients.
+  low = jax.random.normal(jax.random.key(0), (2, 6, 5, 16))
+  skip = jax.random.normal(jax.random.key(1), (2, 12, 10, 24))
+  block = model_lib.UpsampleConcatConv(32, weight_grad_tile=weight_grad_tile)
+  params = block.init(jax.random.key(2), low, skip)['params']
+  assert params['kernel'].shape == (5, 5, 40, 32) and params['bias'].shape == (32,)
+  plain = nn.Conv(32, (5, 5), padding='SAME')
+  plain_fn = lambda p, low, skip: plain.apply({'params': p}, jnp.concatenate([model_lib._upsample(low), skip], -1))
+  block_fn = lambda p, low, skip: block.apply({'params': p}, low, skip)
+  cot = jax.random.normal(jax.random.key(3), (2, 12, 10, 32))
+  np.testing.assert_allclose(block_fn(params, low, skip), plain_fn(params, low, skip), rtol=0, atol=1e-5)
+  grads = [jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, low, skip)
+           for fn in (block_fn, plain_fn)]
+  for x, y in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * float(jnp.abs(y).max()))
