@@ -27,11 +27,16 @@ def _torch_uniform(key, shape, dtype, fan_in):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _conv_fn(weight_grad_tile, in_features, features):
-  """The convolution for a layer: XLA's, or `tiled_conv`'s (when asked for, and worth it)."""
-  # Layers with a handful of input or output channels (enc1, the last two) have a negligible
-  # weight gradient: tiling them would only add hundreds of pieces to compile.
-  if weight_grad_tile and min(in_features, features) >= tiled_conv.MIN_CHANNELS:
+def _conv_fn(weight_grad_tile, x, features):
+  """The convolution for a layer on `x`: XLA's, or `tiled_conv`'s where asked for and worth it.
+
+  XLA's own weight gradient is fast enough for images smaller than one tile and for layers
+  with few channels (enc1, the last ones, the quickstart's quarter-width model: measured
+  slower tiled); tiling those would only add pieces to compile.
+  """
+  _, h, w, in_features = x.shape
+  if (weight_grad_tile and min(in_features, features) >= tiled_conv.MIN_CHANNELS
+      and h * w >= weight_grad_tile ** 2):
     return tiled_conv.flax_conv_fn(weight_grad_tile)
   return None
 
@@ -40,7 +45,7 @@ def _torch_conv(x, features, kernel, dtype, name, weight_grad_tile=0):
   """'same' convolution initialised like `torch.nn.Conv2d`: weights and bias U(±1/sqrt(fan_in))."""
   init = functools.partial(_torch_uniform, fan_in=x.shape[-1] * kernel * kernel)
   return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype, kernel_init=init,
-                 bias_init=init, conv_general_dilated=_conv_fn(weight_grad_tile, x.shape[-1], features),
+                 bias_init=init, conv_general_dilated=_conv_fn(weight_grad_tile, x, features),
                  name=name)(x)
 
 
@@ -80,8 +85,8 @@ class UpsampleConcatConv(nn.Module):
     phases = jnp.einsum('akr,bls,klio->rsiabo', taps, taps, kernel[:, :, :c_low])
     phases = phases.reshape(3, 3, c_low, 4 * self.features)
     same = lambda fn: fn or functools.partial(jax.lax.conv_general_dilated, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    conv_low = same(_conv_fn(self.weight_grad_tile, c_low, 4 * self.features))
-    conv_skip = same(_conv_fn(self.weight_grad_tile, skip.shape[-1], self.features))
+    conv_low = same(_conv_fn(self.weight_grad_tile, low, 4 * self.features))
+    conv_skip = same(_conv_fn(self.weight_grad_tile, skip, self.features))
     y = conv_low(low.astype(self.dtype), phases.astype(self.dtype), (1, 1), 'SAME')
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features)
     y = y + conv_skip(skip.astype(self.dtype), kernel[:, :, c_low:].astype(self.dtype), (1, 1), 'SAME')

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
-MIN_CHANNELS = 16  # the model tiles only layers with at least this many input and output channels
+MIN_CHANNELS = 64  # the model tiles only layers with at least this many input and output channels
 
 
 def _conv(x, w, padding):

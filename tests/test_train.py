@@ -263,10 +263,15 @@ def test_tiled_weight_gradients_train_like_xla(cache_dir, tmp_path):
   # model.weight_grad_tile (CPU's 'auto') against XLA's own convolution weight gradients.
   runs = {}
   for tile in (0, 8):
-    config = small_config(cache_dir, num_epochs=1, num_devices=1, **{'model.weight_grad_tile': str(tile)})
+    # Half width: the layers with >= 64 channels (tiled_conv.MIN_CHANNELS) are the ones tiled.
+    config = small_config(cache_dir, num_epochs=1, num_devices=1,
+                          **{'model.weight_grad_tile': str(tile), 'model.width': 0.5})
     runs[tile], _ = train.train_and_evaluate(config, str(tmp_path / str(tile)), progress=False)
   assert int(runs[0].step) == int(runs[8].step) == 4
-  _assert_same_params(runs[0], runs[8], tol=1e-4)  # float rounding, amplified by Adam (see above)
-  la, lb = ([json.loads(l)['train_loss'] for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
-            for d in ('0', '8'))
-  assert la == pytest.approx(lb, rel=1e-5)
+  a, b = ([json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()] for d in ('0', '8'))
+  for key in ('train_loss', 'val_loss'):
+    assert [x[key] for x in a] == pytest.approx([x[key] for x in b], rel=1e-5), key
+  # Adam's first steps are about lr * sign(gradient): a near-zero gradient element whose sign
+  # rounds the other way moves by up to 2 * lr per step; everything else agrees far closer.
+  diffs = np.concatenate([np.abs(x - y).ravel() for x, y in zip(_params(runs[0]), _params(runs[8]))])
+  assert diffs.max() <= 4 * 2 * 1e-3 and np.mean(diffs > 1e-5) < 1e-3
