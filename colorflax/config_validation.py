@@ -71,6 +71,8 @@ def validate(config):
   _require(config, 'model.dtype', lambda v: v in DTYPES, f'one of {DTYPES}')
   _require(config, 'model.weight_grad_tile', lambda v: v == 'auto' or str(v).isdigit(),
            "'auto', 0 (XLA's own) or a tile size in pixels")
+  _require(config, 'model.polyphase_dec3', lambda v: str(v).lower() in ('auto', 'true', 'false', '1', '0'),
+           "'auto', 'true' or 'false'")
   for key in ('augment.rotation_degrees', 'augment.shear'):
     _require(config, key, lambda v: isinstance(v, (int, float)) and v >= 0, 'a number >= 0')
   _require(config, 'augment.flip_probability', lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,

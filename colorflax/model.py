@@ -157,6 +157,10 @@ class Colorizer(nn.Module):
   embedding_dim: int = 1000
   dtype: Any = jnp.float32
   weight_grad_tile: int = 0
+  # dec3_0 as UpsampleConcatConv (fewer FLOPs). Its float rounding varies with the per-device
+  # batch, which would break the agreement of 1- and N-device runs (tested to 1e-5), so
+  # model_from_config turns it on with the tiles only: on a single CPU device.
+  polyphase_dec3: bool = False
 
   def _ch(self, n):
     return max(1, int(round(n * self.width)))
@@ -204,8 +208,11 @@ class Colorizer(nn.Module):
     x = jnp.concatenate([x, enc3], axis=-1)
     x = nn.relu(conv(c(128), 3, 'dec2_0')(x))
 
-    # upsample, concatenate [dec2, enc2], conv 5x5: in one (see UpsampleConcatConv)
-    x = nn.relu(UpsampleConcatConv(c(64), self.dtype, self.weight_grad_tile, name='dec3_0')(x, enc2))
+    if self.polyphase_dec3:  # upsample, concatenate [dec2, enc2], conv 5x5, in one
+      x = nn.relu(UpsampleConcatConv(c(64), self.dtype, self.weight_grad_tile, name='dec3_0')(x, enc2))
+    else:
+      x = jnp.concatenate([_upsample(x), enc2], axis=-1)
+      x = nn.relu(conv(c(64), 5, 'dec3_0')(x))
     x = nn.relu(conv(c(64), 3, 'dec3_2')(x))
     x = nn.relu(conv(c(32), 3, 'dec3_4')(x))
     x = _upsample(_leaky(conv(2, 3, 'dec3_6')(x)))
@@ -236,7 +243,16 @@ def model_from_config(config) -> Colorizer:
   return Colorizer(width=config.model.width,
                    embedding_dim=EMBEDDING_DIMS[config.features.kind],
                    dtype=DTYPES[config.model.dtype],
-                   weight_grad_tile=weight_grad_tile(config))
+                   weight_grad_tile=weight_grad_tile(config),
+                   polyphase_dec3=polyphase_dec3(config))
+
+
+def polyphase_dec3(config) -> bool:
+  """`model.polyphase_dec3`: 'auto' is on where the weight gradients are tiled (see Colorizer)."""
+  value = config.model.get('polyphase_dec3', 'auto')
+  if value == 'auto':
+    return weight_grad_tile(config) > 0
+  return str(value).lower() in ('true', '1')
 
 
 def init_variables(model: Colorizer, rng, image_size: int = 64):

@@ -128,7 +128,7 @@ def test_training_gradients_match_pytorch(weight_grad_tile):
   _, ref = convert.torch_to_flax(grads_sd)
 
   _, variables = convert.torch_to_flax(torch_model.state_dict())
-  model = convert.model_lib.Colorizer(weight_grad_tile=weight_grad_tile)
+  model = convert.model_lib.Colorizer(weight_grad_tile=weight_grad_tile, polyphase_dec3=weight_grad_tile > 0)
 
   def loss_fn(params):
     pred, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, L, e,

@@ -63,6 +63,9 @@ def test_auto_tiles_on_one_cpu_device_and_overrides_are_numbers():
   config.model.weight_grad_tile = '0'  # what a command-line override of the 'auto' string gives
   validate(config)
   assert model_lib.model_from_config(config).weight_grad_tile == 0
+  assert not model_lib.model_from_config(config).polyphase_dec3  # 'auto' follows the tiles
+  config.model.polyphase_dec3 = 'true'
+  assert model_lib.model_from_config(config).polyphase_dec3
   config.model.weight_grad_tile = 'fast'
   with pytest.raises(ConfigError, match='model.weight_grad_tile'):
     validate(config)

@@ -265,7 +265,8 @@ def test_tiled_weight_gradients_train_like_xla(cache_dir, tmp_path):
   for tile in (0, 8):
     # Half width: the layers with >= 64 channels (tiled_conv.MIN_CHANNELS) are the ones tiled.
     config = small_config(cache_dir, num_epochs=1, num_devices=1,
-                          **{'model.weight_grad_tile': str(tile), 'model.width': 0.5})
+                          **{'model.weight_grad_tile': str(tile), 'model.width': 0.5,
+                             'model.polyphase_dec3': 'true'})
     runs[tile], _ = train.train_and_evaluate(config, str(tmp_path / str(tile)), progress=False)
   assert int(runs[0].step) == int(runs[8].step) == 4
   a, b = ([json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()] for d in ('0', '8'))
