@@ -14,7 +14,7 @@ from colorflax import precompute_features, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
-from test_train import small_config  # noqa: E402
+from test_train import ROUNDING_LR, small_config  # noqa: E402
 
 _PROCESS = """
 import os, sys, ml_collections, numpy as np, jax
@@ -40,11 +40,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# Both runs train at test_train.ROUNDING_LR: gloo adds gradients across processes in another
+# order than XLA does within one, and at the configs' 1e-3 Adam amplifies that rounding.
+_LR = ROUNDING_LR
+
+
 @pytest.fixture(scope='module')
 def single_process_run(tmp_path_factory):
   """The reference: one process with 4 devices, data resident."""
   root = tmp_path_factory.mktemp('single')
-  config = small_config(root / 'cache', num_epochs=2)
+  config = small_config(root / 'cache', num_epochs=2, learning_rate=_LR)
   precompute_features.precompute(config, progress=False)
   state, _ = train.train_and_evaluate(config, str(root / 'single'), progress=False)
   assert jax.device_count() == 4
@@ -54,7 +59,7 @@ def single_process_run(tmp_path_factory):
 @pytest.mark.parametrize('placement', ['resident', 'streaming'])
 def test_two_processes_match_one_process_with_four_devices(single_process_run, tmp_path, placement):
   root, single = single_process_run
-  multi = small_config(root / 'cache', num_epochs=2, distributed=True, coordinator_address=f'127.0.0.1:{_free_port()}',
+  multi = small_config(root / 'cache', num_epochs=2, learning_rate=_LR, distributed=True, coordinator_address=f'127.0.0.1:{_free_port()}',
                        num_processes=2, **{'data.placement': placement})
   script = tmp_path / 'process.py'
   script.write_text(_PROCESS.format(config=multi.to_dict(), workdir=str(tmp_path / 'multi'),
@@ -80,15 +85,12 @@ def test_two_processes_match_one_process_with_four_devices(single_process_run, t
   for x, y in zip(a, b):
     for key in ('train_loss', 'val_loss'):
       assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x[key], y[key])
-  # Parameters: float32 rounding differs (gloo adds across processes in another order than XLA
-  # does in one process), and Adam turns a gradient at rounding level into a step of up to lr
-  # in either direction. So: all but a handful of weights agree to 1e-5, and none is further
-  # apart than the learning rate times the number of steps.
+  # Parameters: none further apart than Adam's steps could take them (lr per step), and all but a
+  # few far closer (measured: 0-4 of 238k); a gradient missing a device's share would move most.
   steps = b[-1]['step']
-  for i, e in enumerate(expected):
-    diff = np.abs(got[f'arr_{i}'] - e)
-    assert diff.max() <= multi.learning_rate * steps, (i, diff.max())
-    assert np.mean(diff > 1e-5) <= 0.15, (i, np.mean(diff > 1e-5))
+  diffs = np.concatenate([np.abs(got[f'arr_{i}'] - e).ravel() for i, e in enumerate(expected)])
+  assert diffs.max() <= multi.learning_rate * steps, diffs.max()
+  assert np.mean(diffs > 0.1 * multi.learning_rate * steps) <= 1e-3, np.mean(diffs > 0.1 * multi.learning_rate * steps)
   # Checkpoints were written collectively by 2 processes; they restore onto this one process's
   # 4 devices (abstract targets with the new shardings), equal to what process 0 saved.
   from colorflax import checkpoints
