@@ -1,11 +1,10 @@
 """On-device training augmentation: one random affine warp per image (rotation, shear and
-horizontal flip composed), resampled once, bilinearly, with dm-pix.
+horizontal flip composed), resampled once, bilinearly.
 
-Fill mode: 'nearest' (edge pixels extended) by default, dm-pix's fast path on accelerators;
-'constant' fills with black, as the prototype's torchvision transforms did.
+Fill mode: 'nearest' (edge pixels extended) by default; 'constant' fills with black, as the
+prototype's torchvision transforms did.
 """
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 
@@ -29,16 +28,36 @@ def random_matrices(key, n, rotation_degrees, shear, flip_probability):
 
 
 def warp(images, matrices, fill_mode='nearest'):
-  """images (B, H, W, C) float, matrices (B, 2, 2) pull maps around the image centre."""
-  _, h, w, _ = images.shape
-  centre = jnp.array([(h - 1) / 2.0, (w - 1) / 2.0])
+  """images (B, H, W, C) float, matrices (B, 2, 2) pull maps around the image centre.
 
-  def one(image, m):
-    full = jnp.eye(3).at[:2, :2].set(m)  # the channel axis maps to itself
-    offset = jnp.concatenate([centre - m @ centre, jnp.zeros(1)])
-    return dm_pix.affine_transform(image, full, offset=offset, order=1, mode=fill_mode)
-
-  return jax.vmap(one)(images, matrices)
+  `dm_pix.affine_transform`'s values (its order-1 'nearest'/'constant' modes; tested against
+  it), but interpolated in 2-D with each pixel's C channels read together: dm-pix treats
+  the channel axis as a third coordinate and gathers 8 scalars per output value, 25x slower
+  on CPU (90 vs 3.5 ms per 8 images at 128 px), ~5 % of the training step.
+  """
+  b, h, w, c = images.shape
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  y = jnp.arange(h, dtype=images.dtype)[None, :, None] - cy
+  x = jnp.arange(w, dtype=images.dtype)[None, None, :] - cx
+  m = matrices[:, :, :, None, None]  # elementwise products, not a dot: the same rounding however
+  coords = jnp.stack([m[:, 0, 0] * y + m[:, 0, 1] * x + cy,  # the batch is split over devices
+                      m[:, 1, 0] * y + m[:, 1, 1] * x + cx], -1)  # (B, H, W, (y, x))
+  last = jnp.array([h - 1, w - 1])
+  lower = jnp.floor(coords)
+  frac = coords - lower
+  lo = jnp.clip(lower.astype(jnp.int32), 0, last)
+  hi = jnp.clip(jnp.ceil(coords).astype(jnp.int32), 0, last)
+  rows = [lo[..., 0] * w, hi[..., 0] * w]
+  index = jnp.stack([r + col for r in rows for col in (lo[..., 1], hi[..., 1])], 1)  # (B, 4, H, W)
+  corners = jax.vmap(lambda flat, i: flat[i])(images.reshape(b, h * w, c), index.reshape(b, -1))
+  corners = corners.reshape(b, 4, h, w, c)
+  fy, fx = frac[..., 0:1], frac[..., 1:2]
+  out = ((1 - fy) * ((1 - fx) * corners[:, 0] + fx * corners[:, 1])
+         + fy * ((1 - fx) * corners[:, 2] + fx * corners[:, 3]))
+  if fill_mode == 'constant':  # a pixel that maps outside the image is black (as dm-pix's)
+    inside = jnp.all((coords >= 0) & (coords <= last), axis=-1, keepdims=True)
+    out = jnp.where(inside, out, 0.0)
+  return out
 
 
 def random_affine(key, images, rotation_degrees, shear, flip_probability, fill_mode='nearest'):
