@@ -83,7 +83,8 @@ def jax_step(config, repeats):
   seconds = _median_time(run, repeats) / k
   return {'jax_step_seconds': seconds, 'jax_step_images_per_sec': batch / seconds,
           'flops_per_image': flops_per_image, 'batch_size': batch, 'devices': len(devices),
-          'step_loop': train.step_loop(config), 'weight_grad_tile': model.weight_grad_tile,
+          'step_loop': train.step_loop(config), 'polyphase_dec3': model.polyphase_dec3,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'device': f'{len(devices)}x {devices[0].device_kind}'}
 
 

@@ -69,8 +69,6 @@ def validate(config):
   _require(config, 'features.num_workers', lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0 = all cores)')
   _require(config, 'model.width', lambda v: isinstance(v, (int, float)) and v > 0, 'a positive number (1.0 = the seed)')
   _require(config, 'model.dtype', lambda v: v in DTYPES, f'one of {DTYPES}')
-  _require(config, 'model.weight_grad_tile', lambda v: v == 'auto' or str(v).isdigit(),
-           "'auto', 0 (XLA's own) or a tile size in pixels")
   _require(config, 'model.polyphase_dec3', lambda v: str(v).lower() in ('auto', 'true', 'false', '1', '0'),
            "'auto', 'true' or 'false'")
   for key in ('augment.rotation_degrees', 'augment.shear'):

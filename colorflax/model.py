@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colorflax import tiled_conv
-
 EMBEDDING_DIMS = {'logits': 1000, 'probs': 1000, 'pool': 2048}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -27,26 +25,15 @@ def _torch_uniform(key, shape, dtype, fan_in):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _conv_fn(weight_grad_tile, x, features):
-  """The convolution for a layer on `x`: XLA's, or `tiled_conv`'s where asked for and worth it.
-
-  XLA's own weight gradient is fast enough for images smaller than one tile and for layers
-  with few channels (enc1, the last ones, the quickstart's quarter-width model: measured
-  slower tiled); tiling those would only add pieces to compile.
-  """
-  _, h, w, in_features = x.shape
-  if (weight_grad_tile and min(in_features, features) >= tiled_conv.MIN_CHANNELS
-      and h * w >= weight_grad_tile ** 2):
-    return tiled_conv.flax_conv_fn(weight_grad_tile)
-  return None
-
-
-def _torch_conv(x, features, kernel, dtype, name, weight_grad_tile=0):
+def _torch_conv(x, features, kernel, dtype, name):
   """'same' convolution initialised like `torch.nn.Conv2d`: weights and bias U(±1/sqrt(fan_in))."""
   init = functools.partial(_torch_uniform, fan_in=x.shape[-1] * kernel * kernel)
   return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype, kernel_init=init,
-                 bias_init=init, conv_general_dilated=_conv_fn(weight_grad_tile, x, features),
-                 name=name)(x)
+                 bias_init=init, name=name)(x)
+
+
+def _conv_same(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def _phase_taps(kernel):
@@ -71,7 +58,6 @@ class UpsampleConcatConv(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
-  weight_grad_tile: int = 0
 
   @nn.compact
   def __call__(self, low, skip):
@@ -84,12 +70,41 @@ class UpsampleConcatConv(nn.Module):
     taps = _phase_taps(k)
     phases = jnp.einsum('akr,bls,klio->rsiabo', taps, taps, kernel[:, :, :c_low])
     phases = phases.reshape(3, 3, c_low, 4 * self.features)
-    same = lambda fn: fn or functools.partial(jax.lax.conv_general_dilated, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    conv_low = same(_conv_fn(self.weight_grad_tile, low, 4 * self.features))
-    conv_skip = same(_conv_fn(self.weight_grad_tile, skip, self.features))
-    y = conv_low(low.astype(self.dtype), phases.astype(self.dtype), (1, 1), 'SAME')
+    y = _conv_same(low.astype(self.dtype), phases.astype(self.dtype))
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features)
-    y = y + conv_skip(skip.astype(self.dtype), kernel[:, :, c_low:].astype(self.dtype), (1, 1), 'SAME')
+    y = y + _conv_same(skip.astype(self.dtype), kernel[:, :, c_low:].astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+def _taps_inside(n, kernel):
+  """(n, kernel) 0/1: tap t of a 'same' conv, at position i, reads inside the image."""
+  i, t = np.arange(n)[:, None], np.arange(kernel)[None, :]
+  return ((i + t - kernel // 2 >= 0) & (i + t - kernel // 2 < n)).astype(np.float32)
+
+
+class FusionConv(nn.Module):
+  """`conv(concat([x, embedding tiled over x's grid]))`, 3x3 'same', without the tiled tensor.
+
+  The embedding is the same at every position, so its part of the convolution is, per image,
+  one vector per kernel tap (`embedding @ kernel[tap]`), summed at each position over the taps
+  that fall inside the image. That replaces dec1_0's 1000-channel convolution and its two
+  gradients (80 % of the layer's FLOPs) by (B, 1000) x (1000, 9 x features) matmuls. The same
+  parameters as `nn.Conv` (`kernel`, `bias`, torch's init); the same values to float rounding.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, embedding):
+    k = 3
+    b, h, w, c = x.shape
+    c_in = c + embedding.shape[-1]
+    init = functools.partial(_torch_uniform, fan_in=c_in * k * k)
+    kernel = self.param('kernel', init, (k, k, c_in, self.features), jnp.float32)
+    bias = self.param('bias', init, (self.features,), jnp.float32)
+    y = _conv_same(x.astype(self.dtype), kernel[:, :, :c].astype(self.dtype))
+    per_tap = jnp.einsum('be,yxeo->byxo', embedding.astype(self.dtype), kernel[:, :, c:].astype(self.dtype))
+    y = y + jnp.einsum('iy,jx,byxo->bijo', _taps_inside(h, k), _taps_inside(w, k), per_tap)
     return y + bias.astype(self.dtype)
 
 
@@ -150,16 +165,14 @@ class Colorizer(nn.Module):
   `__call__(L, embedding, train)`: L is (B, H, W, 1) = L*/100 in [0, 1], H and W divisible by
   8; embedding is (B, embedding_dim). Returns (B, H, W, 2) = predicted ab/128, float32.
   `width` scales every hidden layer (1.0 is the seed); `dtype` is the compute dtype, the
-  parameters stay float32. `weight_grad_tile` > 0 computes the convolutions' weight gradients
-  per image and tile of that size (`tiled_conv`: faster on XLA:CPU, the same values).
+  parameters stay float32.
   """
   width: float = 1.0
   embedding_dim: int = 1000
   dtype: Any = jnp.float32
-  weight_grad_tile: int = 0
   # dec3_0 as UpsampleConcatConv (fewer FLOPs). Its float rounding varies with the per-device
   # batch, which would break the agreement of 1- and N-device runs (tested to 1e-5), so
-  # model_from_config turns it on with the tiles only: on a single CPU device.
+  # model_from_config turns it on where it was measured to pay: on a single CPU device.
   polyphase_dec3: bool = False
 
   def _ch(self, n):
@@ -174,15 +187,16 @@ class Colorizer(nn.Module):
     if embedding.shape != (L.shape[0], self.embedding_dim):
       raise ValueError(f'embedding must be ({L.shape[0]}, {self.embedding_dim}), got {embedding.shape}')
     c = self._ch
-    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name, self.weight_grad_tile))
+    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name))
     # PyTorch BatchNorm2d defaults: eps 1e-5, running-stat momentum 0.1 (Flax: 0.9).
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, name=name)
     x = L.astype(self.dtype)
 
-    enc1 = _leaky(conv(c(128), 3, 'enc1_0')(x))
-
-    x = _max_pool(enc1)
+    # enc1 = leaky(conv), then max pool. Leaky ReLU is increasing, so it commutes with the max:
+    # applied after the pool it runs on a quarter of the model's largest tensor (same values,
+    # and the same gradient: the same first maximum, the same slope there).
+    x = _leaky(_max_pool(conv(c(128), 3, 'enc1_0')(x)))
     x = nn.relu(conv(c(128), 5, 'enc2_1')(x))
     x = nn.relu(conv(c(128), 3, 'enc2_3')(x))
     enc2 = bn('enc2_5')(x)
@@ -198,18 +212,14 @@ class Colorizer(nn.Module):
     enc4 = bn('enc4_7')(x)
 
     # Fusion: the embedding tiled over the bottleneck grid, after the enc4 channels.
-    b, h, w, _ = enc4.shape
-    tiled = jnp.broadcast_to(embedding.astype(self.dtype)[:, None, None, :], (b, h, w, self.embedding_dim))
-    x = jnp.concatenate([enc4, tiled], axis=-1)
-
-    x = nn.relu(conv(c(128), 3, 'dec1_0')(x))
+    x = nn.relu(FusionConv(c(128), self.dtype, name='dec1_0')(enc4, embedding))
     x = _upsample(_leaky(conv(c(64), 3, 'dec1_2')(x)))
 
     x = jnp.concatenate([x, enc3], axis=-1)
     x = nn.relu(conv(c(128), 3, 'dec2_0')(x))
 
     if self.polyphase_dec3:  # upsample, concatenate [dec2, enc2], conv 5x5, in one
-      x = nn.relu(UpsampleConcatConv(c(64), self.dtype, self.weight_grad_tile, name='dec3_0')(x, enc2))
+      x = nn.relu(UpsampleConcatConv(c(64), self.dtype, name='dec3_0')(x, enc2))
     else:
       x = jnp.concatenate([_upsample(x), enc2], axis=-1)
       x = nn.relu(conv(c(64), 5, 'dec3_0')(x))
@@ -221,37 +231,20 @@ class Colorizer(nn.Module):
     return x.astype(jnp.float32)
 
 
-# The fastest of 16/32/64 px tiles and whole images, one image per piece, on the seed's
-# layers (BENCHMARKS.md).
-AUTO_WEIGHT_GRAD_TILE = 32
-
-
-def weight_grad_tile(config) -> int:
-  """`model.weight_grad_tile` as a number: 'auto' is tiled on a single CPU device (see
-  tiled_conv), XLA's own (0) elsewhere: accelerators are fast without it, and with the batch
-  sharded over several devices each one-image piece would be cut out of one device's shard
-  and summed across devices. A command-line override of 'auto' arrives as a string."""
-  tile = config.model.get('weight_grad_tile', 'auto')  # configs saved before it existed
-  if tile == 'auto':
-    single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-    return AUTO_WEIGHT_GRAD_TILE if single_cpu else 0
-  return int(tile)
-
-
 def model_from_config(config) -> Colorizer:
   """The model a config describes; the embedding size follows the feature kind."""
   return Colorizer(width=config.model.width,
                    embedding_dim=EMBEDDING_DIMS[config.features.kind],
                    dtype=DTYPES[config.model.dtype],
-                   weight_grad_tile=weight_grad_tile(config),
                    polyphase_dec3=polyphase_dec3(config))
 
 
 def polyphase_dec3(config) -> bool:
-  """`model.polyphase_dec3`: 'auto' is on where the weight gradients are tiled (see Colorizer)."""
-  value = config.model.get('polyphase_dec3', 'auto')
+  """`model.polyphase_dec3`: 'auto' is on for a single CPU device (see Colorizer). A
+  command-line override of 'auto' arrives as a string."""
+  value = config.model.get('polyphase_dec3', 'auto')  # configs saved before it existed
   if value == 'auto':
-    return weight_grad_tile(config) > 0
+    return jax.default_backend() == 'cpu' and jax.device_count() == 1
   return str(value).lower() in ('true', '1')
 
 

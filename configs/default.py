@@ -39,11 +39,8 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.width = 1.0  # multiplies every hidden layer's channels; 1.0 is the seed
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
-  # Convolution weight gradients: 'auto' (per image and 32 px tile on CPU, where that is 2-4x
-  # faster; XLA's own elsewhere), 0 (XLA's own) or a tile size. Same values either way.
-  config.model.weight_grad_tile = 'auto'
   # dec3_0 with its upsampled half on the low-res grid (7.5 % fewer FLOPs, same function):
-  # 'auto' (where weight gradients are tiled), 'true' or 'false'.
+  # 'auto' (on a single CPU device), 'true' or 'false'.
   config.model.polyphase_dec3 = 'auto'
 
   config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)

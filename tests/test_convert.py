@@ -109,11 +109,11 @@ def test_convert_cli_writes_a_restorable_orbax_checkpoint(seed_pth, tmp_path):
   assert len(again.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize('weight_grad_tile', [0, 16])
-def test_training_gradients_match_pytorch(weight_grad_tile):
+@pytest.mark.parametrize('polyphase_dec3', [False, True])
+def test_training_gradients_match_pytorch(polyphase_dec3):
   """One training-mode backward pass (batch statistics, MSE on ab) gives PyTorch's gradients,
-  with XLA's own convolution weight gradients and with the tiled ones (tiled_conv); the
-  reshape max pool routes gradients as PyTorch's max_pool2d does."""
+  with dec3_0 in either form; the reshape max pool routes gradients as PyTorch's max_pool2d
+  does."""
   torch_model = _random_seed_model(seed=1).train()
   rng = np.random.default_rng(7)
   L = rng.random((2, 32, 48, 1), dtype=np.float32)
@@ -128,7 +128,7 @@ def test_training_gradients_match_pytorch(weight_grad_tile):
   _, ref = convert.torch_to_flax(grads_sd)
 
   _, variables = convert.torch_to_flax(torch_model.state_dict())
-  model = convert.model_lib.Colorizer(weight_grad_tile=weight_grad_tile, polyphase_dec3=weight_grad_tile > 0)
+  model = convert.model_lib.Colorizer(polyphase_dec3=polyphase_dec3)
 
   def loss_fn(params):
     pred, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, L, e,

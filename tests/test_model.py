@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from colorflax import model as model_lib
+from colorflax.config_validation import validate
+from colorflax.errors import ConfigError
 from configs import default
 
 
@@ -75,12 +77,11 @@ def test_training_mode_updates_batch_stats():
   assert not np.allclose(before, after)
 
 
-@pytest.mark.parametrize('weight_grad_tile', [0, 8])
-def test_upsample_concat_conv_is_the_plain_layer(weight_grad_tile):
+def test_upsample_concat_conv_is_the_plain_layer():
   # dec3_0's polyphase form against upsample -> concatenate -> 5x5 conv, values and gradients.
   low = jax.random.normal(jax.random.key(0), (2, 6, 5, 16))
   skip = jax.random.normal(jax.random.key(1), (2, 12, 10, 24))
-  block = model_lib.UpsampleConcatConv(32, weight_grad_tile=weight_grad_tile)
+  block = model_lib.UpsampleConcatConv(32)
   params = block.init(jax.random.key(2), low, skip)['params']
   assert params['kernel'].shape == (5, 5, 40, 32) and params['bias'].shape == (32,)
   plain = nn.Conv(32, (5, 5), padding='SAME')
@@ -92,3 +93,49 @@ def test_upsample_concat_conv_is_the_plain_layer(weight_grad_tile):
            for fn in (block_fn, plain_fn)]
   for x, y in zip(*map(jax.tree_util.tree_leaves, grads)):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * float(jnp.abs(y).max()))
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum():
+  x = jnp.array([[1., 3.], [3., 0.]]).reshape(1, 2, 2, 1)  # a tie between (0, 1) and (1, 0)
+  y = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  assert float(model_lib._max_pool(x)[0, 0, 0, 0]) == 3.0
+  np.testing.assert_array_equal(model_lib._max_pool(y), nn.max_pool(y, (2, 2), strides=(2, 2)))
+  g = jax.grad(lambda x: jnp.sum(model_lib._max_pool(x)))(x)
+  np.testing.assert_array_equal(g.reshape(2, 2), [[0., 1.], [0., 0.]])
+  # Without ties it is nn.max_pool's gradient.
+  cot = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
+  ours = jax.grad(lambda y: jnp.sum(cot * model_lib._max_pool(y)))(y)
+  theirs = jax.grad(lambda y: jnp.sum(cot * nn.max_pool(y, (2, 2), strides=(2, 2))))(y)
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_polyphase_dec3_auto_is_on_for_one_cpu_device_only():
+  config = default.get_config()
+  assert jax.default_backend() == 'cpu'
+  assert model_lib.polyphase_dec3(config) == (jax.device_count() == 1)
+  config.model.polyphase_dec3 = 'true'  # what a command-line override of the 'auto' string gives
+  validate(config)
+  assert model_lib.model_from_config(config).polyphase_dec3
+  config.model.polyphase_dec3 = 'fast'
+  with pytest.raises(ConfigError, match='model.polyphase_dec3'):
+    validate(config)
+
+
+@pytest.mark.parametrize('hw', [(4, 6), (1, 2)])  # (1, 2): every tap but the centre row falls outside
+def test_fusion_conv_is_the_plain_layer(hw):
+  # dec1_0 against the seed's form: the embedding tiled over the grid, concatenated, 3x3 conv.
+  x = jax.random.normal(jax.random.key(0), (3, *hw, 16))
+  e = jax.random.normal(jax.random.key(1), (3, 40))
+  block = model_lib.FusionConv(24)
+  params = block.init(jax.random.key(2), x, e)['params']
+  assert params['kernel'].shape == (3, 3, 56, 24) and params['bias'].shape == (24,)
+  plain = nn.Conv(24, (3, 3), padding='SAME')
+  tiled = lambda e: jnp.broadcast_to(e[:, None, None, :], (3, *hw, 40))
+  plain_fn = lambda p, x, e: plain.apply({'params': p}, jnp.concatenate([x, tiled(e)], -1))
+  block_fn = lambda p, x, e: block.apply({'params': p}, x, e)
+  np.testing.assert_allclose(block_fn(params, x, e), plain_fn(params, x, e), rtol=0, atol=1e-5)
+  cot = jax.random.normal(jax.random.key(3), (3, *hw, 24))
+  grads = [jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, x, e)
+           for fn in (block_fn, plain_fn)]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))

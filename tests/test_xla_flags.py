@@ -1,0 +1,33 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from colorflax import xla_flags
+
+
+def test_importing_colorflax_gives_xla_its_own_cpu_convolutions():
+  # conftest set XLA_FLAGS before colorflax was imported; colorflax appended its flag to them.
+  import os
+  assert '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' in os.environ['XLA_FLAGS']
+  assert '--xla_force_host_platform_device_count=4' in os.environ['XLA_FLAGS']
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME'))
+  hlo = conv.lower(jnp.ones((2, 8, 16, 16)), jnp.ones((32, 8, 3, 3))).compile().as_text()
+  assert 'convolution(' in hlo and '__ynn_fusion' not in hlo  # YNNPACK would have taken it
+
+
+def test_a_flag_the_user_set_is_kept(monkeypatch):
+  monkeypatch.setattr(xla_flags, '_backends_initialized', lambda: False)
+  env = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'}
+  assert xla_flags.apply_defaults(env) == []
+  assert env['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT'
+  env = {}
+  assert xla_flags.apply_defaults(env) == ['--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE']
+  assert env['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'
+
+
+def test_too_late_warns_and_changes_nothing():
+  jax.devices()  # the backends are running in this process
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  with pytest.warns(UserWarning, match='import colorflax first'):
+    assert xla_flags.apply_defaults(env) == []
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
