@@ -32,6 +32,13 @@ def _torch_conv(x, features, kernel, dtype, name):
                  bias_init=init, name=name)(x)
 
 
+def _torch_conv_params(module, kernel_size, in_features, features):
+  """`kernel` and `bias` as `nn.Conv` names them, initialised like `torch.nn.Conv2d`."""
+  init = functools.partial(_torch_uniform, fan_in=in_features * kernel_size * kernel_size)
+  return (module.param('kernel', init, (kernel_size, kernel_size, in_features, features), jnp.float32),
+          module.param('bias', init, (features,), jnp.float32))
+
+
 def _conv_same(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -63,10 +70,7 @@ class UpsampleConcatConv(nn.Module):
   def __call__(self, low, skip):
     k = 5
     b, h, w, c_low = low.shape
-    c_in = c_low + skip.shape[-1]
-    init = functools.partial(_torch_uniform, fan_in=c_in * k * k)
-    kernel = self.param('kernel', init, (k, k, c_in, self.features), jnp.float32)
-    bias = self.param('bias', init, (self.features,), jnp.float32)
+    kernel, bias = _torch_conv_params(self, k, c_low + skip.shape[-1], self.features)
     taps = _phase_taps(k)
     phases = jnp.einsum('akr,bls,klio->rsiabo', taps, taps, kernel[:, :, :c_low])
     phases = phases.reshape(3, 3, c_low, 4 * self.features)
@@ -97,11 +101,8 @@ class FusionConv(nn.Module):
   @nn.compact
   def __call__(self, x, embedding):
     k = 3
-    b, h, w, c = x.shape
-    c_in = c + embedding.shape[-1]
-    init = functools.partial(_torch_uniform, fan_in=c_in * k * k)
-    kernel = self.param('kernel', init, (k, k, c_in, self.features), jnp.float32)
-    bias = self.param('bias', init, (self.features,), jnp.float32)
+    _, h, w, c = x.shape
+    kernel, bias = _torch_conv_params(self, k, c + embedding.shape[-1], self.features)
     y = _conv_same(x.astype(self.dtype), kernel[:, :, :c].astype(self.dtype))
     per_tap = jnp.einsum('be,yxeo->byxo', embedding.astype(self.dtype), kernel[:, :, c:].astype(self.dtype))
     y = y + jnp.einsum('iy,jx,byxo->bijo', _taps_inside(h, k), _taps_inside(w, k), per_tap)
