@@ -10,11 +10,24 @@ A flag already in `XLA_FLAGS` is left as the user set it; this works only if col
 imported before JAX first initialises its backends (it warns otherwise).
 """
 
+import importlib.metadata
 import os
+import re
 import sys
 import warnings
 
 DEFAULTS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+# XLA aborts on a flag it does not know; jaxlib 0.10 is the oldest these were measured with
+# (older ones may predate YNNPACK, and their convolutions are XLA's own anyway).
+MIN_JAXLIB = (0, 10)
+
+
+def _jaxlib_knows_flags() -> bool:
+  try:
+    version = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return tuple(int(n) for n in re.findall(r'\d+', version)[:2]) >= MIN_JAXLIB
 
 
 def _backends_initialized() -> bool:
@@ -31,7 +44,7 @@ def apply_defaults(environ=os.environ) -> list[str]:
   """Appends each default flag that `XLA_FLAGS` does not set already; returns those appended."""
   current = environ.get('XLA_FLAGS', '')
   added = [f'--{name}={value}' for name, value in DEFAULTS.items() if f'--{name}' not in current]
-  if not added:
+  if not added or not _jaxlib_knows_flags():
     return []
   if _backends_initialized():
     warnings.warn('colorflax was imported after JAX started its backends, so XLA:CPU keeps its '

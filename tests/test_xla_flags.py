@@ -1,3 +1,5 @@
+import importlib.metadata
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -31,3 +33,13 @@ def test_too_late_warns_and_changes_nothing():
   with pytest.warns(UserWarning, match='import colorflax first'):
     assert xla_flags.apply_defaults(env) == []
   assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
+
+
+def test_an_older_jaxlib_gets_no_flag_it_may_not_know(monkeypatch):
+  monkeypatch.setattr(xla_flags, '_backends_initialized', lambda: False)
+  monkeypatch.setattr(importlib.metadata, 'version', lambda name: '0.9.2')
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  assert xla_flags.apply_defaults(env) == []
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=4'
+  monkeypatch.setattr(importlib.metadata, 'version', lambda name: '0.11.2')
+  assert xla_flags.apply_defaults(env) != []
