@@ -39,8 +39,10 @@ def warp(images, matrices, fill_mode='nearest'):
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
   y = jnp.arange(h, dtype=images.dtype)[None, :, None] - cy
   x = jnp.arange(w, dtype=images.dtype)[None, None, :] - cx
-  m = matrices[:, :, :, None, None]  # elementwise products, not a dot: the same rounding however
-  coords = jnp.stack([m[:, 0, 0] * y + m[:, 0, 1] * x + cy,  # the batch is split over devices
+  # Elementwise products rather than a dot, so the rounding (and so which pixels are read)
+  # does not depend on how the batch is split over devices.
+  m = matrices[:, :, :, None, None]
+  coords = jnp.stack([m[:, 0, 0] * y + m[:, 0, 1] * x + cy,
                       m[:, 1, 0] * y + m[:, 1, 1] * x + cx], -1)  # (B, H, W, (y, x))
   last = jnp.array([h - 1, w - 1])
   lower = jnp.floor(coords)

@@ -3,8 +3,8 @@
 XLA:CPU hands convolutions to YNNPACK by default, whose weight gradients run at 60–80 GFLOP/s
 on the seed's layers against 180–280 for XLA's own (Eigen) convolution kernels, which are as
 fast for the forward pass and the input gradient (BENCHMARKS.md: the 128 px CPU step went from
-1.63–1.67 to 1.47–1.53 s, without the tiled weight gradients that worked around YNNPACK's). YNNPACK keeps the reductions (the bias and BatchNorm
-gradients), where it is faster than XLA's own. The flags touch the CPU backend only.
+1.63–1.67 to 1.47–1.53 s). YNNPACK keeps the reductions (the bias and BatchNorm gradients),
+where it is faster than XLA's own. The flags touch the CPU backend only.
 
 A flag already in `XLA_FLAGS` is left as the user set it; this works only if colorflax is
 imported before JAX first initialises its backends (it warns otherwise).

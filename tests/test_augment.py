@@ -40,3 +40,14 @@ def test_identity_and_flip_are_exact():
   np.testing.assert_array_equal(augment.warp(images, identity), images)
   flipped = augment.random_affine(jax.random.key(3), images, 0.0, 0.0, flip_probability=1.0)
   np.testing.assert_array_equal(flipped, images[:, :, ::-1])
+
+
+def test_warp_does_not_depend_on_how_the_batch_is_split_over_devices():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  assert jax.device_count() == 4
+  images = jax.random.uniform(jax.random.key(0), (8, 32, 24, 3))
+  matrices = augment.random_matrices(jax.random.key(1), 8, 20.0, 0.2, 0.5)
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  split = [jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (images, matrices)]
+  warp = jax.jit(augment.warp)
+  np.testing.assert_array_equal(warp(*split), warp(images, matrices))
