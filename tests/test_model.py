@@ -109,6 +109,42 @@ def test_max_pool_gradient_goes_to_the_first_maximum():
   np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize('hw', [(8, 6), (2, 2)])
+def test_stem_conv_pool_is_the_plain_layers(hw):
+  # enc1_0 against the seed's form: 3x3 conv with bias, then 2x2 max pool (gradient to the
+  # first maximum, as PyTorch's); values, and gradients for the kernel, bias and input.
+  L = jax.random.uniform(jax.random.key(0), (3, *hw, 1))
+  block = model_lib.StemConvPool(24)
+  params = block.init(jax.random.key(1), L)['params']
+  assert params['kernel'].shape == (3, 3, 1, 24) and params['bias'].shape == (24,)
+  plain = nn.Conv(24, (3, 3), padding='SAME')
+  plain_fn = lambda p, L: model_lib._max_pool(plain.apply({'params': p}, L))
+  block_fn = lambda p, L: block.apply({'params': p}, L)
+  np.testing.assert_allclose(block_fn(params, L), plain_fn(params, L), rtol=0, atol=1e-6)
+  cot = jax.random.normal(jax.random.key(2), (3, hw[0] // 2, hw[1] // 2, 24))
+  grads = [jax.jit(jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1)))(params, L)
+           for fn in (block_fn, plain_fn)]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_stem_conv_pool_routes_ties_to_the_first_maximum():
+  # A kernel that copies the centre pixel, and every window's (0, 1) and (1, 0) pixels tied
+  # at its maximum: the gradient must go to (0, 1), PyTorch's first maximum. The off-centre
+  # taps' gradients are sums of that pixel's neighbours, which differ between the two.
+  L = jax.random.uniform(jax.random.key(0), (2, 6, 6, 1))
+  L = L.at[:, 0::2, 1::2].set(2.0).at[:, 1::2, 0::2].set(2.0)
+  block = model_lib.StemConvPool(3)
+  params = {'kernel': jnp.zeros((3, 3, 1, 3)).at[1, 1].set(1.0), 'bias': jnp.zeros(3)}
+  plain = nn.Conv(3, (3, 3), padding='SAME')
+  fns = (lambda p: block.apply({'params': p}, L), lambda p: model_lib._max_pool(plain.apply({'params': p}, L)))
+  ours, theirs = [jax.grad(lambda p: jnp.sum(fn(p)))(params)['kernel'] for fn in fns]
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+  pad = jnp.pad(L[..., 0], ((0, 0), (1, 1), (1, 1)))
+  at_1_0 = jnp.stack([jnp.stack([pad[:, 1 + dy:1 + dy + 6:2, dx:dx + 6:2].sum() for dx in range(3)]) for dy in range(3)])
+  assert not np.allclose(ours[:, :, 0, 0], at_1_0)  # the other choice would be visible
+
+
 def test_polyphase_dec3_auto_is_on_for_one_cpu_device_only():
   config = default.get_config()
   assert jax.default_backend() == 'cpu'
