@@ -25,15 +25,9 @@ def _torch_uniform(key, shape, dtype, fan_in):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _torch_conv(x, features, kernel, dtype, name):
-  """'same' convolution initialised like `torch.nn.Conv2d`: weights and bias U(±1/sqrt(fan_in))."""
-  init = functools.partial(_torch_uniform, fan_in=x.shape[-1] * kernel * kernel)
-  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype, kernel_init=init,
-                 bias_init=init, name=name)(x)
-
-
 def _torch_conv_params(module, kernel_size, in_features, features):
-  """`kernel` and `bias` as `nn.Conv` names them, initialised like `torch.nn.Conv2d`."""
+  """`kernel` and `bias` as `nn.Conv` names them, initialised like `torch.nn.Conv2d`:
+  U(±1/sqrt(fan_in))."""
   init = functools.partial(_torch_uniform, fan_in=in_features * kernel_size * kernel_size)
   return (module.param('kernel', init, (kernel_size, kernel_size, in_features, features), jnp.float32),
           module.param('bias', init, (features,), jnp.float32))
@@ -41,6 +35,37 @@ def _torch_conv_params(module, kernel_size, in_features, features):
 
 def _conv_same(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _materialized(x, like):
+  """x, unchanged, but computed and written to memory on its own.
+
+  Why: XLA:CPU computes a convolution's weight gradient from a copy of its input transposed to
+  (C, H, W, N), and fuses the ops that produced the input (bias, ReLU, BatchNorm) into that
+  copy; a transpose with elementwise ops fused in runs several times slower than a plain one
+  (8x64x64x128 float32: 10.6 vs 1.4 ms). A conditional is a fusion boundary XLA keeps
+  (`optimization_barrier` is gone before fusion on CPU), so the transpose reads the stored x.
+  Both branches return x; the predicate comes from `like`, a parameter, so that XLA cannot
+  fold it and, the parameters being replicated, it needs no cross-device communication.
+  A/B on the 128 px CPU step: 1.175 -> 1.130 s (BENCHMARKS.md).
+  """
+  return jax.lax.cond(jnp.isfinite(like.ravel()[0]), lambda y: y, lambda y: y + 0, x)
+
+
+class Conv(nn.Module):
+  """`nn.Conv(features, (k, k), padding='SAME')` with torch's initialisation; the same
+  parameter names and the same computation. `materialize_input`: see `_materialized`."""
+  features: int
+  kernel_size: int
+  dtype: Any = jnp.float32
+  materialize_input: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel, bias = _torch_conv_params(self, self.kernel_size, x.shape[-1], self.features)
+    if self.materialize_input:
+      x = _materialized(x, kernel)
+    return _conv_same(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def _phase_taps(kernel):
@@ -65,12 +90,15 @@ class UpsampleConcatConv(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  materialize_input: bool = False
 
   @nn.compact
   def __call__(self, low, skip):
     k = 5
     b, h, w, c_low = low.shape
     kernel, bias = _torch_conv_params(self, k, c_low + skip.shape[-1], self.features)
+    if self.materialize_input:
+      low, skip = _materialized(low, kernel), _materialized(skip, kernel)
     taps = _phase_taps(k)
     phases = jnp.einsum('akr,bls,klio->rsiabo', taps, taps, kernel[:, :, :c_low])
     phases = phases.reshape(3, 3, c_low, 4 * self.features)
@@ -97,12 +125,15 @@ class FusionConv(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  materialize_input: bool = False
 
   @nn.compact
   def __call__(self, x, embedding):
     k = 3
     _, h, w, c = x.shape
     kernel, bias = _torch_conv_params(self, k, c + embedding.shape[-1], self.features)
+    if self.materialize_input:
+      x = _materialized(x, kernel)
     y = _conv_same(x.astype(self.dtype), kernel[:, :, :c].astype(self.dtype))
     per_tap = jnp.einsum('be,yxeo->byxo', embedding.astype(self.dtype), kernel[:, :, c:].astype(self.dtype))
     y = y + jnp.einsum('iy,jx,byxo->bijo', _taps_inside(h, k), _taps_inside(w, k), per_tap)
@@ -246,6 +277,9 @@ class Colorizer(nn.Module):
   # batch, which would break the agreement of 1- and N-device runs (tested to 1e-5), so
   # model_from_config turns it on where it was measured to pay: on a single CPU device.
   polyphase_dec3: bool = False
+  # Every convolution's input stored by itself, for XLA:CPU's weight gradients (`_materialized`);
+  # model_from_config turns it on for the CPU backend.
+  materialize_conv_inputs: bool = False
 
   def _ch(self, n):
     return max(1, int(round(n * self.width)))
@@ -259,7 +293,8 @@ class Colorizer(nn.Module):
     if embedding.shape != (L.shape[0], self.embedding_dim):
       raise ValueError(f'embedding must be ({L.shape[0]}, {self.embedding_dim}), got {embedding.shape}')
     c = self._ch
-    conv = lambda n, k, name: (lambda y: _torch_conv(y, n, k, self.dtype, name))
+    mat = self.materialize_conv_inputs
+    conv = lambda n, k, name: Conv(n, k, self.dtype, mat, name=name)
     # PyTorch BatchNorm2d defaults: eps 1e-5, running-stat momentum 0.1 (Flax: 0.9).
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, name=name)
@@ -283,14 +318,14 @@ class Colorizer(nn.Module):
     enc4 = bn('enc4_7')(x)
 
     # Fusion: the embedding tiled over the bottleneck grid, after the enc4 channels.
-    x = nn.relu(FusionConv(c(128), self.dtype, name='dec1_0')(enc4, embedding))
+    x = nn.relu(FusionConv(c(128), self.dtype, mat, name='dec1_0')(enc4, embedding))
     x = _upsample(_leaky(conv(c(64), 3, 'dec1_2')(x)))
 
     x = jnp.concatenate([x, enc3], axis=-1)
     x = nn.relu(conv(c(128), 3, 'dec2_0')(x))
 
     if self.polyphase_dec3:  # upsample, concatenate [dec2, enc2], conv 5x5, in one
-      x = nn.relu(UpsampleConcatConv(c(64), self.dtype, name='dec3_0')(x, enc2))
+      x = nn.relu(UpsampleConcatConv(c(64), self.dtype, mat, name='dec3_0')(x, enc2))
     else:
       x = jnp.concatenate([_upsample(x), enc2], axis=-1)
       x = nn.relu(conv(c(64), 5, 'dec3_0')(x))
@@ -307,7 +342,8 @@ def model_from_config(config) -> Colorizer:
   return Colorizer(width=config.model.width,
                    embedding_dim=EMBEDDING_DIMS[config.features.kind],
                    dtype=DTYPES[config.model.dtype],
-                   polyphase_dec3=polyphase_dec3(config))
+                   polyphase_dec3=polyphase_dec3(config),
+                   materialize_conv_inputs=jax.default_backend() == 'cpu')
 
 
 def polyphase_dec3(config) -> bool:

@@ -175,3 +175,32 @@ def test_fusion_conv_is_the_plain_layer(hw):
            for fn in (block_fn, plain_fn)]
   for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_conv_is_nn_conv_with_torch_init():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4, 5))
+  ours = model_lib.Conv(7, 3)
+  params = ours.init(jax.random.key(1), x)['params']
+  bound = 1 / np.sqrt(5 * 3 * 3)  # torch.nn.Conv2d's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  assert params['kernel'].shape == (3, 3, 5, 7) and float(jnp.abs(params['kernel']).max()) <= bound
+  assert float(jnp.abs(params['bias']).max()) <= bound
+  theirs = nn.Conv(7, (3, 3), padding='SAME').apply({'params': params}, x)
+  np.testing.assert_array_equal(ours.apply({'params': params}, x), theirs)
+
+
+def test_materialized_conv_inputs_change_nothing_but_the_program():
+  # The barrier is an identity: the same outputs and gradients. And XLA:CPU keeps it (the
+  # compiled step has the conditionals): were a later XLA to fold them, this says so.
+  L = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1))
+  e = jax.random.normal(jax.random.key(1), (2, 1000))
+  plain, barriers = model_lib.Colorizer(), model_lib.Colorizer(materialize_conv_inputs=True)
+  variables = model_lib.init_variables(plain, jax.random.key(2))
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({**variables, 'params': p}, L, e) ** 2)))
+  (a, ga), (b, gb) = loss(plain)(variables['params']), loss(barriers)(variables['params'])
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * float(jnp.abs(x).max()))
+  hlo = loss(barriers).lower(variables['params']).compile().as_text()
+  assert hlo.count('conditional(') >= 15  # the 15 convolution inputs (14 `Conv`s and dec1_0's)
+  assert 'conditional(' not in loss(plain).lower(variables['params']).compile().as_text()
+  assert model_lib.model_from_config(default.get_config()).materialize_conv_inputs  # on, on CPU
