@@ -47,7 +47,7 @@ def _materialized(x, like):
   (`optimization_barrier` is gone before fusion on CPU), so the transpose reads the stored x.
   Both branches return x; the predicate comes from `like`, a parameter, so that XLA cannot
   fold it and, the parameters being replicated, it needs no cross-device communication.
-  A/B on the 128 px CPU step: 1.175 -> 1.130 s (BENCHMARKS.md).
+  A/B on the 128 px CPU step: 1.134 -> 1.089 s (BENCHMARKS.md).
   """
   return jax.lax.cond(jnp.isfinite(like.ravel()[0]), lambda y: y, lambda y: y + 0, x)
 
@@ -207,8 +207,8 @@ def _conv1_max_pool(x, kernel):
   """`_max_pool(conv(x, kernel))` for a one-channel image x (B, H, W) and a 3x3 'same' kernel
   (3, 3, C), computed on the pooled grid: each window's 4 outputs are 9 multiply-adds from
   x's neighbourhood, maxed at once. The (B, H, W, C) conv output, the model's largest
-  tensor, is never written, and the kernel gradient is one (9 x 4BHW/4) @ (.. x C) matmul
-  instead of a one-channel convolution's (XLA:CPU: 28 ms -> 2 ms forward at 128 px, batch 8).
+  tensor, is never written, and the kernel gradient is one (9, 4 * B * H/2 * W/2) @ (.., C)
+  matmul instead of a one-channel convolution's (XLA:CPU forward: 28 -> 2 ms at 128 px, batch 8).
   The gradient goes to each window's first maximum, as in `_max_pool`.
   """
   return functools.reduce(jnp.maximum, _stem_phases(_stem_planes(x), kernel))
@@ -299,9 +299,9 @@ class Colorizer(nn.Module):
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, name=name)
 
-    # enc1 = leaky(conv), then max pool. Leaky ReLU is increasing, so it commutes with the max:
-    # applied after the pool it runs on a quarter of the model's largest tensor (same values,
-    # and the same gradient: the same first maximum, the same slope there).
+    # enc1 = leaky(conv), then max pool. Leaky ReLU is increasing, so it commutes with the max
+    # (same values, same first maximum, same slope there): StemConvPool computes conv + pool on
+    # the pooled grid and the activation follows.
     x = _leaky(StemConvPool(c(128), self.dtype, name='enc1_0')(L))
     x = nn.relu(conv(c(128), 5, 'enc2_1')(x))
     x = nn.relu(conv(c(128), 3, 'enc2_3')(x))
