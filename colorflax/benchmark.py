@@ -25,6 +25,9 @@ _REPEATS = cli.define_integer('repeats', 5, 'Timed repeats per measurement (the 
 _TORCH = cli.define_bool('torch', True, 'Also time the PyTorch reference step.')
 _EPOCH_IMAGES = cli.define_integer('epoch_images', 0, 'Images in the timed epoch (0 = skip the epoch run).')
 _STREAM_IMAGES = cli.define_integer('stream_images', 0, 'Images in the streaming input pipeline run (0 = skip it).')
+_SEED_EPOCH_IMAGES = cli.define_integer(
+    'seed_epoch_images', 0, 'Images the seed-style PyTorch epoch times, at most (0 = its whole epoch); its host '
+    'pipeline is slow (~90 img/s at 256 px), so a part of the epoch gives its rate sooner.')
 
 
 def _median_time(fn, repeats):
@@ -189,11 +192,13 @@ class _SeedDataset:
     return np.asarray(image, np.float32) / 255.0
 
 
-def seed_pipeline_epoch(config, cache_dir, train_rows):
+def seed_pipeline_epoch(config, cache_dir, train_rows, max_images=0):
   """One epoch of a seed-style PyTorch training loop over the cache's training images: host
   augmentation in a DataLoader, per-batch RGB->Lab with scikit-image, Inception-v3 recomputed on
   every batch (grayscale stacked x3 at the training size, as the prototype did), then the
-  reference model's forward/backward/Adam step (channels-first float32, as the prototype)."""
+  reference model's forward/backward/Adam step (channels-first as the prototype; float32, or
+  AMP bfloat16 when the config's dtype is bfloat16, as the PyTorch step). `max_images` > 0
+  stops the timing after that many images (whole batches)."""
   import torch
   import torchvision
   from skimage import color as skcolor
@@ -211,33 +216,39 @@ def seed_pipeline_epoch(config, cache_dir, train_rows):
   inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).to(dev).eval()
   model = EncDec(1000).to(dev)
   opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+  amp = config.model.dtype == 'bfloat16'
 
   def step(rgb):
     lab = skcolor.rgb2lab(rgb.numpy())  # per batch, on the host
     L = torch.from_numpy(lab[..., :1] / 100.0).float().permute(0, 3, 1, 2).to(dev)
     ab = torch.from_numpy(lab[..., 1:] / 128.0).float().permute(0, 3, 1, 2).to(dev)
-    with torch.no_grad():
-      gray = L.expand(-1, 3, -1, -1)
-      if gray.shape[-1] < 75:  # Inception-v3's smallest input
-        gray = torch.nn.functional.interpolate(gray, size=(75, 75), mode='bilinear')
-      embedding = inception(gray)
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.mse_loss(model(L, embedding), ab)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+      with torch.no_grad():
+        gray = L.expand(-1, 3, -1, -1)
+        if gray.shape[-1] < 75:  # Inception-v3's smallest input
+          gray = torch.nn.functional.interpolate(gray, size=(75, 75), mode='bilinear')
+        embedding = inception(gray)
+      opt.zero_grad(set_to_none=True)
+      prediction = model(L, embedding)
+      loss = torch.nn.functional.mse_loss(prediction.float(), ab)
     loss.backward()
     opt.step()
-    return loss
+    return prediction.dtype
 
   batches = iter(loader)
-  step(next(batches))  # warm-up (allocator, thread pools)
+  compute_dtype = step(next(batches))  # warm-up (allocator, thread pools)
   if dev.type == 'cuda':
     torch.cuda.synchronize()
   t, n = time.perf_counter(), 0
   for rgb in batches:
     step(rgb)
     n += len(rgb)
+    if max_images and n >= max_images:
+      break  # before loading a batch that would not be counted
   if dev.type == 'cuda':
     torch.cuda.synchronize()
-  out = {'seed_pipeline_epoch_images_per_sec': n / (time.perf_counter() - t), 'seed_pipeline_epoch_images': n}
+  out = {'seed_pipeline_epoch_images_per_sec': n / (time.perf_counter() - t), 'seed_pipeline_epoch_images': n,
+         'seed_pipeline_compute_dtype': str(compute_dtype).removeprefix('torch.')}
   if dev.type == 'cuda':
     out['seed_pipeline_peak_device_bytes'] = int(torch.cuda.max_memory_allocated())
   return out
@@ -272,7 +283,7 @@ def stream_throughput(config, num_images, workers):
   return {'stream_images_per_sec': images / seconds, 'stream_images_timed': images, 'stream_workers': workers}
 
 
-def epochs(config, num_images, with_torch):
+def epochs(config, num_images, with_torch, seed_epoch_images=0):
   """colorflax's training epoch and the seed-style PyTorch epoch, on the same random images."""
   from colorflax import device_pipeline
   with tempfile.TemporaryDirectory() as tmp:
@@ -282,7 +293,7 @@ def epochs(config, num_images, with_torch):
     out.update(_isolated('jax_epoch', config, cache_dir))
     if with_torch:
       try:  # keep colorflax's epoch if the PyTorch side cannot run (e.g. no scikit-image)
-        out.update(_isolated('seed_pipeline_epoch', config, cache_dir, train_rows))
+        out.update(_isolated('seed_pipeline_epoch', config, cache_dir, train_rows, seed_epoch_images))
       except Exception as e:
         out['seed_pipeline_error'] = f'{type(e).__name__}: {e}'
         print(f'seed-style epoch failed: {out["seed_pipeline_error"]}')
@@ -313,7 +324,7 @@ def _isolated(name, *args):
     return pool.submit(_measure_in_child, name, args).result()
 
 
-def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0):
+def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0):
   results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
              'steps_per_dispatch': config.steps_per_dispatch}
   results.update(_isolated('jax_step', config, repeats))
@@ -330,7 +341,7 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0):
     results['stream_margin'] = results['stream_images_per_sec'] / results['jax_step_images_per_sec']
   if epoch_images:
     try:
-      results.update(epochs(config, epoch_images, with_torch))
+      results.update(epochs(config, epoch_images, with_torch, seed_epoch_images))
     except Exception as e:  # keep the step figures even if the epoch run fails
       results['epoch_error'] = f'{type(e).__name__}: {e}'
   return results
@@ -362,6 +373,7 @@ def format_table(r):
                  + _memory(r, 'jax_epoch'))
   if 'seed_pipeline_epoch_images_per_sec' in r:
     lines.append(f"  seed-style epoch {r['seed_pipeline_epoch_images_per_sec']:10.1f} img/s  ratio {r['epoch_ratio']:.2f}"
+                 f"  ({r['seed_pipeline_epoch_images']} images timed, {r['seed_pipeline_compute_dtype']})"
                  + _memory(r, 'seed_pipeline'))
   if 'epoch_error' in r:
     lines.append(f"  epoch run failed: {r['epoch_error']}")
@@ -372,7 +384,8 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.load_config(_CONFIG)
-  results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value)
+  results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value,
+                _SEED_EPOCH_IMAGES.value)
   print(format_table(results))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

@@ -39,3 +39,16 @@ def test_benchmark_measures_both_frameworks_and_counts_flops():
     assert r[f'{prefix}_peak_rss_bytes'] > 50e6, prefix  # a process with its framework loaded
   table = benchmark.format_table(r)
   assert 'batch 4' in table and 'streaming input' in table and 'seed-style epoch' in table and 'peak RSS' in table
+
+
+@pytest.mark.parametrize('dtype, torch_dtype', [('float32', 'float32'), ('bfloat16', 'bfloat16')])
+def test_seed_pipeline_runs_in_the_configs_dtype_and_stops_at_its_cap(tmp_path, dtype, torch_dtype):
+  config = default.get_config()
+  config.data.image_size = 32
+  config.batch_size = 4
+  config.model.dtype = dtype
+  cache_dir = benchmark._random_cache(str(tmp_path / 'cache'), config, 40)
+  # 40 training rows: a warm-up batch, then timing stops after 3 of the 9 remaining batches.
+  r = benchmark.seed_pipeline_epoch(config, cache_dir, list(range(40)), max_images=10)
+  assert r['seed_pipeline_compute_dtype'] == torch_dtype  # AMP bf16 exactly when colorflax runs bf16
+  assert r['seed_pipeline_epoch_images'] == 12 and r['seed_pipeline_epoch_images_per_sec'] > 0

@@ -73,3 +73,22 @@ def test_tpu_pod_dry_run_runs_one_command_on_every_worker():
   assert words[-1] == '[--config.data.source=/data/my photos]'
   missing = _dry('tpu_pod.sh', 'configs/default.py', '/mnt/shared/run', ZONE='z')
   assert missing.returncode != 0 and 'TPU_NAME' in missing.stderr
+
+
+def test_gpu_benchmark_commands_parse():
+  """The GPU script runs when a GPU is lent for a few minutes: every flag it passes must exist."""
+  r = _dry('gpu_benchmark.sh', '/tmp/gpu-out')
+  assert r.returncode == 0, r.stderr
+  commands = [line.split() for line in r.stdout.strip().splitlines()]
+  assert len(commands) == 3 and all(c[:3] == ['python3', '-m', 'colorflax.benchmark'] for c in commands)
+  check = ('import sys\n'
+           'from absl import flags\n'
+           'from colorflax import benchmark, cli\n'
+           'flags.FLAGS(sys.argv)\n'
+           'c = cli.load_config(benchmark._CONFIG)\n'
+           'print(c.model.dtype, c.batch_size, flags.FLAGS.epoch_images, flags.FLAGS.seed_epoch_images)\n')
+  parsed = [subprocess.run(['python', '-c', check, *c[3:]], capture_output=True, text=True, cwd=REPO)
+            for c in commands]
+  assert all(p.returncode == 0 for p in parsed), [p.stderr[-500:] for p in parsed]
+  assert [p.stdout.split() for p in parsed] == [['float32', '8', '7000', '1600'], ['bfloat16', '8', '7000', '1600'],
+                                                ['bfloat16', '128', '0', '0']]
