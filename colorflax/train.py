@@ -231,6 +231,14 @@ def initialize_distributed(config):
   jax.distributed.initialize(**explicit)
 
 
+def dtype_note(config, platform):
+  """A line for runs whose dtype buys nothing on their backend, else None."""
+  if config.model.dtype == 'bfloat16' and platform == 'cpu':
+    return ('note: model.dtype=bfloat16 is no faster than float32 on XLA:CPU, whose convolutions '
+            'do not use bf16/AMX units (BENCHMARKS.md); float32 trains as fast, at full precision')
+  return None
+
+
 def train_and_evaluate(config, workdir, progress=True):
   """Trains (or resumes) in `workdir`; returns the final TrainState and the last epoch's metrics."""
   initialize_distributed(config)
@@ -245,6 +253,8 @@ def train_and_evaluate(config, workdir, progress=True):
     if config.num_devices > len(devices):
       raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
     devices = devices[:config.num_devices]
+  if note := dtype_note(config, devices[0].platform):
+    log(note)
   # Auto axes: XLA propagates the batch sharding through the gather, model and loss itself.
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))

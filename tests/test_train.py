@@ -108,9 +108,12 @@ def test_outputs_and_metrics(cache_dir, tmp_path):
   assert step == lines[-1]['step'] and meta['epoch'] == 3
 
 
-def test_bfloat16_training(cache_dir, tmp_path):
+def test_bfloat16_training(cache_dir, tmp_path, capsys):
   state, last = train.train_and_evaluate(small_config(cache_dir, num_epochs=1, **{'model.dtype': 'bfloat16'}),
                                          str(tmp_path / 'bf16'), progress=False)
+  assert 'bfloat16 is no faster than float32 on XLA:CPU' in capsys.readouterr().out  # the tests run on CPU
+  assert train.dtype_note(small_config(cache_dir), 'cpu') is None  # float32: nothing to say
+  assert train.dtype_note(small_config(cache_dir, **{'model.dtype': 'bfloat16'}), 'gpu') is None
   assert np.isfinite(last['train_loss']) and np.isfinite(last['val_loss'])
   assert all(x.dtype == np.float32 for x in _params(state))  # parameters (and Adam) stay float32
   assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.opt_state) if hasattr(x, 'dtype')
