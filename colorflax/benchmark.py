@@ -159,6 +159,10 @@ def matmul_peak(dtype_name, repeats):
   return _best_matmul_flops(matmul, _matmul_sizes(jax.devices()[0].platform), repeats)
 
 
+def jax_matmul_peak(dtype_name, repeats):
+  return {'jax_matmul_peak_flops': matmul_peak(dtype_name, repeats)}
+
+
 def torch_matmul_peak(dtype_name, dev, repeats):
   """The same through PyTorch: on CPUs with AMX its oneDNN reaches bf16 speeds XLA:CPU does not,
   and the device's peak is what the best library on it reaches."""
@@ -338,7 +342,9 @@ _MEMORY_PREFIX = {'jax_step': 'jax_step', 'torch_step': 'torch_step', 'jax_epoch
 
 def _measure_in_child(name, args):
   out = globals()[name](*args)
-  prefix = _MEMORY_PREFIX[name]
+  prefix = _MEMORY_PREFIX.get(name)
+  if prefix is None:
+    return out
   out[f'{prefix}_peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
   if name.startswith('jax'):
     import jax
@@ -362,18 +368,19 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
     results.update(_isolated('torch_step', config, repeats))
     if 'torch_step_images_per_sec' in results:
       results['step_ratio'] = results['jax_step_images_per_sec'] / results['torch_step_images_per_sec']
-  results['jax_matmul_peak_flops'] = matmul_peak(config.model.dtype, repeats)
+  # In a child too: on a GPU, JAX in this process would hold the memory the epoch runs need.
+  results.update(_isolated('jax_matmul_peak', config.model.dtype, repeats))
   peak = results['peak_flops'] = max(results['jax_matmul_peak_flops'], results.get('torch_matmul_peak_flops', 0.0))
   results['achieved_flops'] = results['flops_per_image'] * results['jax_step_images_per_sec']
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0
-  if stream_images:
-    results.update(stream_throughput(config, stream_images, config.data.stream_workers))
-    results['stream_margin'] = results['stream_images_per_sec'] / results['jax_step_images_per_sec']
   if epoch_images:
     try:
       results.update(epochs(config, epoch_images, with_torch, seed_epoch_images))
     except Exception as e:  # keep the step figures even if the epoch run fails
       results['epoch_error'] = f'{type(e).__name__}: {e}'
+  if stream_images:  # last: it starts JAX in this process (grain's workers are its children)
+    results.update(stream_throughput(config, stream_images, config.data.stream_workers))
+    results['stream_margin'] = results['stream_images_per_sec'] / results['jax_step_images_per_sec']
   return results
 
 

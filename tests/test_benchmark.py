@@ -1,7 +1,13 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from colorflax import benchmark
 from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _forward_flops(size):
@@ -55,3 +61,23 @@ def test_seed_pipeline_runs_in_the_configs_dtype_and_stops_at_its_cap(tmp_path, 
   r = benchmark.seed_pipeline_epoch(config, cache_dir, list(range(40)), max_images=10)
   assert r['seed_pipeline_compute_dtype'] == torch_dtype  # AMP bf16 exactly when colorflax runs bf16
   assert r['seed_pipeline_epoch_images'] == 12 and r['seed_pipeline_epoch_images_per_sec'] > 0
+
+
+def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
+  """On a GPU, JAX started in the parent would hold the memory the epoch's child processes need:
+  every JAX measurement before them runs in a child (here faked, to see only the parent)."""
+  code = '\n'.join([
+      'from jax._src import xla_bridge',
+      'from colorflax import benchmark',
+      'from configs import default',
+      "fake = {'jax_step': {'jax_step_images_per_sec': 1.0, 'flops_per_image': 1.0},",
+      "        'torch_step': {'torch_step_images_per_sec': 1.0, 'torch_matmul_peak_flops': 2.0},",
+      "        'jax_matmul_peak': {'jax_matmul_peak_flops': 3.0}}",
+      'benchmark._isolated = lambda name, *args: fake[name]',
+      'seen = []',
+      'benchmark.epochs = lambda *args: seen.append(xla_bridge.backends_are_initialized()) or {}',
+      'r = benchmark.run(default.get_config(), epoch_images=8)',
+      "print(seen, r['peak_flops'])"])
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['[False]', '3.0']
