@@ -25,6 +25,9 @@ _REPEATS = cli.define_integer('repeats', 5, 'Timed repeats per measurement (the 
 _TORCH = cli.define_bool('torch', True, 'Also time the PyTorch reference step.')
 _EPOCH_IMAGES = cli.define_integer('epoch_images', 0, 'Images in the timed epoch (0 = skip the epoch run).')
 _STREAM_IMAGES = cli.define_integer('stream_images', 0, 'Images in the streaming input pipeline run (0 = skip it).')
+_ROUNDS = cli.define_integer(
+    'rounds', 1, 'Alternating (colorflax, PyTorch) step measurements, each in a fresh process; the median '
+    "round of each side is reported, so a drift in the machine's speed reaches both sides alike.")
 _SEED_EPOCH_IMAGES = cli.define_integer(
     'seed_epoch_images', 0, 'Images the seed-style PyTorch epoch times, at most (0 = its whole epoch); its host '
     'pipeline is slow (~90 img/s at 256 px), so a part of the epoch gives its rate sooner.')
@@ -360,14 +363,38 @@ def _isolated(name, *args):
     return pool.submit(_measure_in_child, name, args).result()
 
 
-def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0):
+def _median_run(runs, key):
+  """The run whose `key` is the median (the lower middle one of an even count), all its figures."""
+  return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+
+
+def step_rounds(config, repeats, with_torch, rounds):
+  """colorflax's and PyTorch's steps, measured in `rounds` alternating pairs of processes."""
+  jax_runs, torch_runs = [], []
+  for _ in range(rounds):
+    jax_runs.append(_isolated('jax_step', config, repeats))
+    if with_torch:
+      torch_runs.append(_isolated('torch_step', config, repeats))
+  out = dict(_median_run(jax_runs, 'jax_step_images_per_sec'))
+  jax_ips = [r['jax_step_images_per_sec'] for r in jax_runs]
+  torch_runs = [r for r in torch_runs if r]  # {}: no reference at this width
+  if torch_runs:
+    out.update(_median_run(torch_runs, 'torch_step_images_per_sec'))
+    out['torch_matmul_peak_flops'] = max(r['torch_matmul_peak_flops'] for r in torch_runs)  # a peak: the best
+    out['step_ratio'] = out['jax_step_images_per_sec'] / out['torch_step_images_per_sec']
+  if rounds > 1:
+    out['jax_step_images_per_sec_rounds'] = jax_ips
+    if torch_runs:
+      torch_ips = [r['torch_step_images_per_sec'] for r in torch_runs]
+      out['torch_step_images_per_sec_rounds'] = torch_ips
+      out['step_ratio_rounds'] = [j / t for j, t in zip(jax_ips, torch_ips)]
+  return out
+
+
+def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1):
   results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
              'steps_per_dispatch': config.steps_per_dispatch}
-  results.update(_isolated('jax_step', config, repeats))
-  if with_torch:
-    results.update(_isolated('torch_step', config, repeats))
-    if 'torch_step_images_per_sec' in results:
-      results['step_ratio'] = results['jax_step_images_per_sec'] / results['torch_step_images_per_sec']
+  results.update(step_rounds(config, repeats, with_torch, rounds))
   # In a child too: on a GPU, JAX in this process would hold the memory the epoch runs need.
   results.update(_isolated('jax_matmul_peak', config.model.dtype, repeats))
   peak = results['peak_flops'] = max(results['jax_matmul_peak_flops'], results.get('torch_matmul_peak_flops', 0.0))
@@ -405,7 +432,9 @@ def format_table(r):
            f"  colorflax step   {r['jax_step_images_per_sec']:10.1f} img/s  ({r['jax_step_seconds'] * 1e3:.2f} ms/step)"
            + _memory(r, 'jax_step')]
   if 'torch_step_images_per_sec' in r:
-    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s  ratio {r['step_ratio']:.2f}"
+    rounds = r.get('step_ratio_rounds')
+    spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ''
+    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s  ratio {r['step_ratio']:.2f}{spread}"
                  + _memory(r, 'torch_step'))
   lines.append(f"  FLOPs/image {r['flops_per_image'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e12:.2f} TFLOP/s; "
                f"matmul peak {r['peak_flops'] / 1e12:.2f} TFLOP/s{_peak_sources(r)}; MFU {100 * r['mfu']:.1f}%")
@@ -427,9 +456,11 @@ def format_table(r):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _ROUNDS.value < 1:
+    raise UserError(f'--rounds: {_ROUNDS.value}; at least 1')
   config = cli.load_config(_CONFIG)
   results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value,
-                _SEED_EPOCH_IMAGES.value)
+                _SEED_EPOCH_IMAGES.value, _ROUNDS.value)
   print(format_table(results))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
