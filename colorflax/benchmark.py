@@ -128,7 +128,6 @@ def torch_step(config, repeats):
   out = {'torch_step_seconds': seconds, 'torch_step_images_per_sec': b / seconds}
   if dev.type == 'cuda':
     out['torch_step_peak_device_bytes'] = int(torch.cuda.max_memory_allocated())
-  out['torch_matmul_peak_flops'] = torch_matmul_peak(config.model.dtype, dev, repeats)
   return out
 
 
@@ -147,7 +146,7 @@ def _best_matmul_flops(matmul, sizes, repeats):
   return best
 
 
-def matmul_peak(dtype_name, repeats):
+def jax_matmul_peak(dtype_name, repeats):
   """Measured FLOP/s of a large square matmul in `dtype` through XLA on the first device."""
   import jax
   import jax.numpy as jnp
@@ -159,25 +158,23 @@ def matmul_peak(dtype_name, repeats):
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     return lambda: jax.block_until_ready(f(a, b))
 
-  return _best_matmul_flops(matmul, _matmul_sizes(jax.devices()[0].platform), repeats)
+  return {'jax_matmul_peak_flops': _best_matmul_flops(matmul, _matmul_sizes(jax.devices()[0].platform), repeats)}
 
 
-def jax_matmul_peak(dtype_name, repeats):
-  return {'jax_matmul_peak_flops': matmul_peak(dtype_name, repeats)}
-
-
-def torch_matmul_peak(dtype_name, dev, repeats):
+def torch_matmul_peak(dtype_name, repeats):
   """The same through PyTorch: on CPUs with AMX its oneDNN reaches bf16 speeds XLA:CPU does not,
   and the device's peak is what the best library on it reaches."""
   import torch
   dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype_name]
+  dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  torch.set_num_threads(os.cpu_count() or 1)
 
   def matmul(n):
     a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     return lambda: (a @ b, sync())
 
-  return _best_matmul_flops(matmul, _matmul_sizes(dev.type), repeats)
+  return {'torch_matmul_peak_flops': _best_matmul_flops(matmul, _matmul_sizes(dev.type), repeats)}
 
 
 def _random_cache(cache_dir, config, num_images):
@@ -380,7 +377,6 @@ def step_rounds(config, repeats, with_torch, rounds):
   torch_runs = [r for r in torch_runs if r]  # {}: no reference at this width
   if torch_runs:
     out.update(_median_run(torch_runs, 'torch_step_images_per_sec'))
-    out['torch_matmul_peak_flops'] = max(r['torch_matmul_peak_flops'] for r in torch_runs)  # a peak: the best
     out['step_ratio'] = out['jax_step_images_per_sec'] / out['torch_step_images_per_sec']
   if rounds > 1:
     out['jax_step_images_per_sec_rounds'] = jax_ips
@@ -395,8 +391,11 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
   results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
              'steps_per_dispatch': config.steps_per_dispatch}
   results.update(step_rounds(config, repeats, with_torch, rounds))
-  # In a child too: on a GPU, JAX in this process would hold the memory the epoch runs need.
+  # Each in a child, outside the step measurements' memory; and on a GPU, JAX in this process
+  # would hold the memory the epoch runs need.
   results.update(_isolated('jax_matmul_peak', config.model.dtype, repeats))
+  if with_torch:
+    results.update(_isolated('torch_matmul_peak', config.model.dtype, repeats))
   peak = results['peak_flops'] = max(results['jax_matmul_peak_flops'], results.get('torch_matmul_peak_flops', 0.0))
   results['achieved_flops'] = results['flops_per_image'] * results['jax_step_images_per_sec']
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0

@@ -71,8 +71,8 @@ def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
       'from colorflax import benchmark',
       'from configs import default',
       "fake = {'jax_step': {'jax_step_images_per_sec': 1.0, 'flops_per_image': 1.0},",
-      "        'torch_step': {'torch_step_images_per_sec': 1.0, 'torch_matmul_peak_flops': 2.0},",
-      "        'jax_matmul_peak': {'jax_matmul_peak_flops': 3.0}}",
+      "        'torch_step': {'torch_step_images_per_sec': 1.0},",
+      "        'jax_matmul_peak': {'jax_matmul_peak_flops': 3.0}, 'torch_matmul_peak': {'torch_matmul_peak_flops': 2.0}}",
       'benchmark._isolated = lambda name, *args: fake[name]',
       'seen = []',
       'benchmark.epochs = lambda *args: seen.append(xla_bridge.backends_are_initialized()) or {}',
@@ -92,15 +92,14 @@ def test_step_rounds_alternate_and_report_each_sides_median_round(monkeypatch):
       v = next(jax_ips)
       return {'jax_step_images_per_sec': v, 'jax_step_peak_rss_bytes': int(v)}
     v = next(torch_ips)
-    return {'torch_step_images_per_sec': v, 'torch_matmul_peak_flops': 10 * v}
+    return {'torch_step_images_per_sec': v, 'torch_step_peak_rss_bytes': int(10 * v)}
 
   monkeypatch.setattr(benchmark, '_isolated', fake_isolated)
   r = benchmark.step_rounds(default.get_config(), 1, True, 3)
   assert calls == ['jax_step', 'torch_step'] * 3  # alternating, so a drift reaches both sides
   assert r['jax_step_images_per_sec'] == 6.0 and r['jax_step_peak_rss_bytes'] == 6  # the median run, whole
-  assert r['torch_step_images_per_sec'] == 6.0 and r['torch_matmul_peak_flops'] == 65.0  # the peak: the best
+  assert r['torch_step_images_per_sec'] == 6.0 and r['torch_step_peak_rss_bytes'] == 60
   assert r['step_ratio'] == 1.0 and r['step_ratio_rounds'] == pytest.approx([6 / 5.5, 5 / 6, 7 / 6.5])
   assert 'rounds 0.83-1.09' in benchmark.format_table({
       **r, 'device': 'cpu', 'image_size': 32, 'dtype': 'float32', 'model_width': 1.0, 'batch_size': 8,
-      'jax_step_seconds': 1.0, 'flops_per_image': 1.0, 'achieved_flops': 1.0, 'jax_matmul_peak_flops': 2.0,
-      'peak_flops': 65.0, 'mfu': 0.5})
+      'jax_step_seconds': 1.0, 'flops_per_image': 1.0, 'achieved_flops': 1.0, 'peak_flops': 2.0, 'mfu': 0.5})

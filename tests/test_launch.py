@@ -1,6 +1,7 @@
 import glob
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_gpu_benchmark_commands_parse():
            'flags.FLAGS(sys.argv)\n'
            'c = cli.load_config(benchmark._CONFIG)\n'
            'print(c.model.dtype, c.batch_size, flags.FLAGS.epoch_images, flags.FLAGS.seed_epoch_images)\n')
-  parsed = [subprocess.run(['python', '-c', check, *c[3:]], capture_output=True, text=True, cwd=REPO)
+  parsed = [subprocess.run([sys.executable, '-c', check, *c[3:]], capture_output=True, text=True, cwd=REPO)
             for c in commands]
   assert all(p.returncode == 0 for p in parsed), [p.stderr[-500:] for p in parsed]
   assert [p.stdout.split() for p in parsed] == [['float32', '8', '7000', '1600'], ['bfloat16', '8', '7000', '1600'],
