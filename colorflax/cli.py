@@ -22,7 +22,15 @@ def _existing(name):
   return None
 
 
+# Flag names per defining module, in definition order: `--help` lists the running entry point's.
+_MODULE_FLAGS = {}
+
+
 def _define(name, define, *args, **kwargs):
+  module = sys._getframe(2).f_globals.get('__name__')  # the entry point calling define_*
+  names = _MODULE_FLAGS.setdefault(module, [])
+  if name not in names:
+    names.append(name)
   holder = _existing(name)
   return holder if holder is not None else define(name, *args, **kwargs)
 
@@ -106,8 +114,25 @@ def load_workdir_config(workdir):
   return config_validation.validate(config)
 
 
+def help_text(module='__main__') -> str:
+  """The entry point's docstring and its flags: what `--help` prints."""
+  doc = (sys.modules[module].__doc__ or '').strip() if module in sys.modules else ''
+  lines = [doc, '', 'flags:'] if doc else ['flags:']
+  for name in _MODULE_FLAGS.get(module, []):
+    flag = flags.FLAGS[name]
+    default = (flag.default_as_str or '').strip("'")  # the config flag's default is its path
+    lines.append(f"  --{name}: {flag.help} [default: {default if default not in ('', 'None') else 'none'}]")
+    if name == 'config':
+      lines.append('      override any field of it with --config.FIELD=VALUE, e.g. --config.batch_size=16')
+  return '\n'.join(lines)
+
+
 def run(main):
-  """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2."""
+  """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2.
+  `--help` / `-h` print `help_text()` and exit 0."""
+  if any(arg in ('--help', '-h', '-help', '--helpfull') for arg in sys.argv[1:]):
+    print(help_text())
+    sys.exit(0)
   argv = parse_flags(sys.argv)
   try:
     code = main(argv)

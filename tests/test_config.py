@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,21 @@ def test_cli_missing_config_file():
   r = _cli('--config', 'configs/nope.py')
   assert r.returncode == 2
   assert len(r.stderr.strip().splitlines()) == 1 and 'nope.py' in r.stderr
+
+
+ENTRY_POINTS = ['train', 'evaluate', 'colorize', 'precompute_features', 'benchmark', 'convert_torch']
+
+
+@pytest.mark.parametrize('module', ENTRY_POINTS)
+def test_help_lists_the_entry_points_flags(module):
+  with open(os.path.join(REPO, 'colorflax', f'{module}.py')) as f:
+    source = f.read()
+  flags = re.findall(r"cli\.define_\w+\(\s*'(\w+)'", source)
+  flags += ['config'] if 'cli.define_config_flag(' in source else []
+  assert flags, f'{module} defines no flags?'
+  r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', '--help'], cwd=REPO,
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
+  listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
+  assert sorted(listed) == sorted(flags)
