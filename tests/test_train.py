@@ -101,7 +101,8 @@ def test_outputs_and_metrics(cache_dir, tmp_path):
   assert lines[-1]['step'] == 3 * (36 // 8) == int(state.step)
   assert sorted(os.listdir(work / 'samples')) == ['epoch_0002.png', 'epoch_0003.png']  # every 2, and the last
   from PIL import Image
-  assert Image.open(work / 'samples' / 'epoch_0002.png').size == (4 * 32, 3 * 32)
+  with Image.open(work / 'samples' / 'epoch_0002.png') as grid:
+    assert grid.size == (4 * 32, 3 * 32)
   assert any(f.startswith('events') for f in os.listdir(work / 'tensorboard'))
   assert json.loads((work / 'config.json').read_text())['data']['image_size'] == 32
   variables, meta, step = checkpoints.restore_model(work, 'latest')
