@@ -315,52 +315,58 @@ def train_and_evaluate(config, workdir, progress=True):
   run_start = time.time()
   last = None
   bar = report.progress(total=total_steps, initial=start_step, enabled=progress)
-  for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-    epoch_start = time.time()
-    first = max(start_step - epoch * steps_per_epoch, 0)  # > 0 only when resuming mid-epoch
-    sizes = device_pipeline.dispatch_sizes(first, steps_per_epoch, config.steps_per_dispatch)
-    losses, pending, step_now = [], None, epoch * steps_per_epoch + first
-    for n, (tables, xs) in zip(sizes, feeder.train_dispatches(step_now, sizes)):
-      state, chunk_losses = train_chunk(state, tables, xs)
-      if pending is not None:  # read the previous dispatch while this one runs
+  try:
+    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+      epoch_start = time.time()
+      first = max(start_step - epoch * steps_per_epoch, 0)  # > 0 only when resuming mid-epoch
+      sizes = device_pipeline.dispatch_sizes(first, steps_per_epoch, config.steps_per_dispatch)
+      losses, pending, step_now = [], None, epoch * steps_per_epoch + first
+      for n, (tables, xs) in zip(sizes, feeder.train_dispatches(step_now, sizes)):
+        state, chunk_losses = train_chunk(state, tables, xs)
+        if pending is not None:  # read the previous dispatch while this one runs
+          _check_finite(pending, losses, bar, batch)
+        pending = (step_now, chunk_losses)
+        step_now += n  # counted on the host: reading state.step would wait for the device
+        every = config.checkpoint_every_steps
+        if every and step_now // every > (step_now - n) // every and step_now % steps_per_epoch:
+          _check_finite(pending, losses, bar, batch)
+          pending = None
+          checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
+                           data=feeder.checkpoint_state(), meta={'epoch': epoch, 'epoch_complete': False})
+      if pending is not None:
         _check_finite(pending, losses, bar, batch)
-      pending = (step_now, chunk_losses)
-      step_now += n  # counted on the host: reading state.step would wait for the device
-      every = config.checkpoint_every_steps
-      if every and step_now // every > (step_now - n) // every and step_now % steps_per_epoch:
-        _check_finite(pending, losses, bar, batch)
-        pending = None
-        checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
-                         data=feeder.checkpoint_state(), meta={'epoch': epoch, 'epoch_complete': False})
-    if pending is not None:
-      _check_finite(pending, losses, bar, batch)
-    train_seconds = time.time() - epoch_start
-    val = validate(state)
-    if not np.isfinite(val['loss']):
-      raise TrainingDiverged(f'validation loss is {val["loss"]} after epoch {epoch + 1} (step {step_now}); '
-                             f'stopping. The last good checkpoint (step {mngr.latest_step()}) is kept')
-    state = step_plateau(state, jnp.asarray(val['loss'], jnp.float32))
-    lr = float(state.opt_state.hyperparams['learning_rate'])
-    epoch_steps = steps_per_epoch - first
-    last = {
-        'epoch': epoch + 1, 'step': step_now, 'lr': lr,
-        'train_loss': float(np.mean(losses)) if losses else float('nan'),
-        'val_loss': val['loss'], 'val_psnr': val['psnr'], 'val_psnr_gray': val['psnr_gray'],
-        'images_per_sec': epoch_steps * batch / max(train_seconds, 1e-9),
-        'elapsed_sec': time.time() - run_start,
-    }
-    checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
-                     data=feeder.checkpoint_state(), meta={'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last},
-                     metrics={'val_loss': val['loss']})
-    report.epoch(last)
-    if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
-      report.samples(epoch + 1, reporting.sample_grid(predict, jax.device_get(state.variables()),
-                                                      cache.images[sample_rows], cache.embeddings[sample_rows]))
-  bar.close()
-  feeder.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  report.close()
+      train_seconds = time.time() - epoch_start
+      val = validate(state)
+      if not np.isfinite(val['loss']):
+        raise TrainingDiverged(f'validation loss is {val["loss"]} after epoch {epoch + 1} (step {step_now}); stopping')
+      state = step_plateau(state, jnp.asarray(val['loss'], jnp.float32))
+      lr = float(state.opt_state.hyperparams['learning_rate'])
+      epoch_steps = steps_per_epoch - first
+      last = {
+          'epoch': epoch + 1, 'step': step_now, 'lr': lr,
+          'train_loss': float(np.mean(losses)) if losses else float('nan'),
+          'val_loss': val['loss'], 'val_psnr': val['psnr'], 'val_psnr_gray': val['psnr_gray'],
+          'images_per_sec': epoch_steps * batch / max(train_seconds, 1e-9),
+          'elapsed_sec': time.time() - run_start,
+      }
+      checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
+                       data=feeder.checkpoint_state(), meta={'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last},
+                       metrics={'val_loss': val['loss']})
+      report.epoch(last)
+      if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
+        report.samples(epoch + 1, reporting.sample_grid(predict, jax.device_get(state.variables()),
+                                                        cache.images[sample_rows], cache.embeddings[sample_rows]))
+  except TrainingDiverged as e:
+    mngr.wait_until_finished()  # the last epoch's checkpoint may still be being written
+    kept = mngr.latest_step()
+    raise TrainingDiverged(f'{e}. ' + (f'The last good checkpoint (step {kept}) is kept' if kept is not None
+                                       else 'No checkpoint had been written')) from None
+  finally:  # also when training stops with an error: the bar ends its line, the stream's
+    bar.close()  # workers stop, and a checkpoint still being written is completed
+    feeder.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    report.close()
   if last is not None:
     log(f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR {last["val_psnr"]:.2f} dB '
           f'(grayscale baseline {last["val_psnr_gray"]:.2f} dB), {time.time() - run_start:.0f}s')
@@ -372,8 +378,7 @@ def _check_finite(pending, losses, bar, batch):
   values = np.asarray(jax.device_get(chunk_losses))
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
-    raise TrainingDiverged(f'loss became {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping. '
-                           f'The last good checkpoint is kept')
+    raise TrainingDiverged(f'loss became {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping')
   losses.extend(values.tolist())
   bar.update(len(values), loss=float(values[-1]), images=len(values) * batch)
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,7 +197,7 @@ def test_streaming_resumes_from_any_checkpoint_and_rejects_a_foreign_stream_stat
     train.train_and_evaluate(streamed, str(work), progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, capsys):
   bad_cache = tmp_path / 'bad'
   shutil.copytree(cache_dir, bad_cache)
   work = str(tmp_path / 'run')
@@ -206,9 +207,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
   emb[:] = np.nan
   emb.flush()
   del emb
-  with pytest.raises(train.TrainingDiverged, match=r'loss became nan at step \d+'):
-    train.train_and_evaluate(small_config(bad_cache, num_epochs=2), work, progress=False)
+  capsys.readouterr()
+  with pytest.raises(train.TrainingDiverged) as info:
+    train.train_and_evaluate(small_config(bad_cache, num_epochs=2), work, progress=True)
+  assert re.fullmatch(rf'loss became nan at step \d+; stopping\. The last good checkpoint \(step {good}\) is kept',
+                      str(info.value))
+  assert capsys.readouterr().err.endswith('\n')  # the progress bar ended its line: the error starts a new one
   assert checkpoints.manager(work, read_only=True).latest_step() == good
+  with pytest.raises(train.TrainingDiverged, match=r'at step \d+; stopping\. No checkpoint had been written$'):
+    train.train_and_evaluate(small_config(bad_cache, num_epochs=1), str(tmp_path / 'fresh'), progress=False)
 
 
 def test_cut_off_checkpoint_is_ignored(cache_dir, tmp_path):
