@@ -21,13 +21,14 @@ from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag(default=cli.default_config_path())
 _JSON = cli.define_string('json', None, 'Write the results to this JSON file.')
-_REPEATS = cli.define_integer('repeats', 5, 'Timed repeats per measurement (the median is reported).')
+_REPEATS = cli.define_integer('repeats', 5, 'Timed repeats per measurement (the median is reported).',
+                              lower_bound=1)
 _TORCH = cli.define_bool('torch', True, 'Also time the PyTorch reference step.')
 _EPOCH_IMAGES = cli.define_integer('epoch_images', 0, 'Images in the timed epoch (0 = skip the epoch run).')
 _STREAM_IMAGES = cli.define_integer('stream_images', 0, 'Images in the streaming input pipeline run (0 = skip it).')
 _ROUNDS = cli.define_integer(
     'rounds', 1, 'Alternating (colorflax, PyTorch) step measurements, each in a fresh process; the median '
-    "round of each side is reported, so a drift in the machine's speed reaches both sides alike.")
+    "round of each side is reported, so a drift in the machine's speed reaches both sides alike.", lower_bound=1)
 _SEED_EPOCH_IMAGES = cli.define_integer(
     'seed_epoch_images', 0, 'Images the seed-style PyTorch epoch times, at most (0 = its whole epoch); its host '
     'pipeline is slow (~90 img/s at 256 px), so a part of the epoch gives its rate sooner.')
@@ -455,8 +456,6 @@ def format_table(r):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _ROUNDS.value < 1:
-    raise UserError(f'--rounds: {_ROUNDS.value}; at least 1')
   config = cli.load_config(_CONFIG)
   results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value,
                 _SEED_EPOCH_IMAGES.value, _ROUNDS.value)

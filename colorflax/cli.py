@@ -48,8 +48,9 @@ def define_bool(name, default, help_text):
   return _define(name, flags.DEFINE_bool, default, help_text)
 
 
-def define_integer(name, default, help_text):
-  return _define(name, flags.DEFINE_integer, default, help_text)
+def define_integer(name, default, help_text, lower_bound=0):
+  """An integer flag; a value below `lower_bound` is a one-line error when flags are parsed."""
+  return _define(name, flags.DEFINE_integer, default, help_text, lower_bound=lower_bound)
 
 
 def fail(message: str, code: int = EXIT_USAGE):

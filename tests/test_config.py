@@ -96,3 +96,12 @@ def test_help_lists_the_entry_points_flags(module):
   assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
   listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
   assert sorted(listed) == sorted(flags)
+
+
+@pytest.mark.parametrize('module,arg', [('evaluate', '--samples=-3'), ('colorize', '--size=-8'),
+                                        ('benchmark', '--rounds=0'), ('benchmark', '--repeats=0')])
+def test_out_of_range_integer_flags_are_one_line_exit_2(module, arg):
+  r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', arg], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'{module}.py: error: flag {arg}'), r.stderr
