@@ -9,6 +9,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 off mid-write is never listed: readers fall back to the previous complete one.
 """
 
+import contextlib
 import json
 import os
 
@@ -81,9 +82,27 @@ def restore_model(workdir, which='latest', target=None):
   mngr = manager(workdir, read_only=True)
   step = resolve_step(mngr, which)
   model_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-  restored = mngr.restore(step, args=ocp.args.Composite(model=model_args, meta=ocp.args.JsonRestore()))
+  with _readable(mngr, step, 'choose another with --checkpoint'):
+    restored = mngr.restore(step, args=ocp.args.Composite(model=model_args, meta=ocp.args.JsonRestore()))
   mngr.close()
   return restored['model'], restored['meta'], step
+
+
+@contextlib.contextmanager
+def _readable(mngr, step, advice):
+  """A checkpoint that is listed (complete) but cannot be restored (files damaged or removed
+  after it was written) -> one line naming it and the other steps; nothing is deleted."""
+  try:
+    yield
+  except Exception as error:  # orbax, tensorstore and the handlers raise many types for this
+    e = error
+    while e.__cause__ is not None:  # tensorstore's own message names the file and what is wrong
+      e = e.__cause__
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    reason = (text.strip().splitlines() or [type(e).__name__])[0]
+    others = [x for x in mngr.all_steps() if x != step]
+    raise UserError(f'checkpoint step {step} in {mngr.directory} cannot be read ({reason}); {advice}'
+                    + (f' (the others: {sorted(others)})' if others else '')) from None
 
 
 def write_config(workdir, config):
@@ -104,7 +123,10 @@ def read_config(workdir):
   if not os.path.isfile(path):
     raise UserError(f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path} is not valid JSON ({e})') from None
 
 
 def train_item(state) -> dict:
@@ -129,7 +151,9 @@ def restore_train(mngr, state, step=None, data=None):
   if with_data:
     import grain
     items['data'] = grain.checkpoint.CheckpointRestore(data)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  with _readable(mngr, step, f'move {os.path.join(str(mngr.directory), str(step))} aside to resume from '
+                             'the one before it'):
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
   model, train = restored['model'], restored['train']
   state = state.replace(step=train['step'], params=model['params'], batch_stats=model['batch_stats'],
                         opt_state=train['opt_state'], plateau=train['plateau'])

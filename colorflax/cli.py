@@ -128,6 +128,14 @@ def help_text(module='__main__') -> str:
   return '\n'.join(lines)
 
 
+def _quiet_background_failures():
+  """After a one-line error, keep what background tasks that failed for the same reason (e.g.
+  orbax's other reads of a damaged checkpoint) print as the process exits off the terminal."""
+  import logging
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+
+
 def run(main):
   """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2.
   `--help` / `-h` print `help_text()` and exit 0."""
@@ -138,6 +146,7 @@ def run(main):
   try:
     code = main(argv)
   except UserError as e:
+    _quiet_background_failures()
     fail(str(e))
   except KeyboardInterrupt:
     fail('interrupted', code=130)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from colorflax import checkpoints, colorize, evaluate, metrics, precompute_features, synthetic, train
+from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -110,6 +112,27 @@ def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
                               cwd=REPO, capture_output=True, text=True)
   assert everything.returncode == 0, everything.stderr[-2000:]
   assert json.loads(out.read_text())['num_images'] == 48
+
+
+# orbax's other reads of the damaged arrays fail too, after the first error, in the background
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_damaged_checkpoint_and_config_are_one_line_errors(trained, tmp_path):
+  root, config = trained
+  run = tmp_path / 'run'
+  shutil.copytree(root / 'run', run)
+  latest = checkpoints.manager(run, read_only=True).latest_step()
+  for f in (run / 'checkpoints' / str(latest) / 'model').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':  # the array data, cut short after it was written
+      f.write_bytes(f.read_bytes()[:10])
+  with pytest.raises(UserError, match=rf'checkpoint step {latest} in .* cannot be read \(.+\); choose another'):
+    evaluate.evaluate(str(run), config, 'latest', 'val')
+  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={run}', '--checkpoint=latest'],
+                     cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+  assert f'checkpoint step {latest}' in r.stderr
+  (run / 'config.json').write_text('{"data": ')  # e.g. edited by hand
+  with pytest.raises(UserError, match='config.json is not valid JSON'):
+    checkpoints.read_config(run)
 
 
 def _inputs(folder):

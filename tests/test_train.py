@@ -233,6 +233,20 @@ def test_cut_off_checkpoint_is_ignored(cache_dir, tmp_path):
   assert int(state.step) == 2 * 4
 
 
+def test_damaged_latest_checkpoint_stops_resume_until_moved_aside(cache_dir, tmp_path):
+  work = tmp_path / 'run'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=2), str(work), progress=False)
+  damaged = work / 'checkpoints' / '8'
+  shutil.rmtree(damaged / 'train')  # complete when written, a part lost since
+  with pytest.raises(UserError, match=r'checkpoint step 8 in .* cannot be read .*; move .*checkpoints/8 aside '
+                                      r'to resume from the one before it \(the others: \[4\]\)'):
+    train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(work), progress=False)
+  assert (damaged / 'model').is_dir()  # nothing deleted
+  shutil.move(damaged, tmp_path / 'aside')
+  state, last = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(work), progress=False)
+  assert int(state.step) == 3 * 4 and last['epoch'] == 3
+
+
 def test_incompatible_resume_and_bad_cache_are_clear_errors(cache_dir, tmp_path):
   work = str(tmp_path / 'run')
   train.train_and_evaluate(small_config(cache_dir, num_epochs=1), work, progress=False)
