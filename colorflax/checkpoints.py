@@ -99,7 +99,8 @@ def _readable(mngr, step, advice):
     while e.__cause__ is not None:  # tensorstore's own message names the file and what is wrong
       e = e.__cause__
     text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
-    reason = (text.strip().splitlines() or [type(e).__name__])[0]
+    reason = (text.strip().splitlines() or [type(e).__name__])[0].split(' [tensorstore_spec')[0]
+    reason = reason if len(reason) <= 400 else reason[:400] + '...'
     others = [x for x in mngr.all_steps() if x != step]
     raise UserError(f'checkpoint step {step} in {mngr.directory} cannot be read ({reason}); {advice}'
                     + (f' (the others: {sorted(others)})' if others else '')) from None

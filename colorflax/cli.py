@@ -128,26 +128,34 @@ def help_text(module='__main__') -> str:
   return '\n'.join(lines)
 
 
-def _quiet_background_failures():
-  """After a one-line error, keep what background tasks that failed for the same reason (e.g.
-  orbax's other reads of a damaged checkpoint) print as the process exits off the terminal."""
-  import logging
-  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-  sys.unraisablehook = lambda unraisable: None
-
-
 def run(main):
   """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2.
-  `--help` / `-h` print `help_text()` and exit 0."""
+  `--help` / `-h` print `help_text()` and exit 0.
+
+  Exceptions raised where no one can catch them (callbacks of background threads: Python calls
+  them "unraisable") are held back until the end. After a one-line error they are dropped: they
+  are the same failure seen again by the other tasks of a failed operation (e.g. orbax's other
+  reads of a damaged checkpoint), a screenful of tracebacks that would bury the one line.
+  """
   if any(arg in ('--help', '-h', '-help', '--helpfull') for arg in sys.argv[1:]):
     print(help_text())
     sys.exit(0)
   argv = parse_flags(sys.argv)
+  default_hook, held, one_line_error = sys.unraisablehook, [], False
+  sys.unraisablehook = held.append
   try:
     code = main(argv)
   except UserError as e:
-    _quiet_background_failures()
+    one_line_error = True
+    import logging
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
     fail(str(e))
   except KeyboardInterrupt:
+    one_line_error = True
     fail('interrupted', code=130)
+  finally:
+    if not one_line_error:  # success, or a crash whose traceback they may help explain
+      sys.unraisablehook = default_hook
+      for unraisable in held:
+        default_hook(unraisable)
   sys.exit(code or 0)

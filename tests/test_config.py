@@ -105,3 +105,31 @@ def test_out_of_range_integer_flags_are_one_line_exit_2(module, arg):
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f'{module}.py: error: flag {arg}'), r.stderr
+
+
+_UNRAISABLE = """
+import sys
+from colorflax import cli
+from colorflax.errors import UserError
+
+class Dying:
+  def __del__(self):
+    raise RuntimeError('background failure')
+
+def main(argv):
+  Dying()  # raises where no caller can catch it: an "unraisable" exception
+  if argv[1:] == ['fail']:
+    raise UserError('the one line')
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_unraisable_exceptions_are_shown_unless_a_one_line_error_ends_the_run(fails):
+  r = subprocess.run([sys.executable, '-c', _UNRAISABLE] + (['fail'] if fails else []), cwd=REPO,
+                     capture_output=True, text=True)
+  if fails:
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ['-c: error: the one line']
+  else:
+    assert r.returncode == 0 and 'RuntimeError: background failure' in r.stderr
