@@ -130,7 +130,7 @@ def help_text(module='__main__') -> str:
 
 def run(main):
   """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2.
-  `--help` / `-h` print `help_text()` and exit 0.
+  `--help` / `-h` print the entry point's `help_text` and exit 0.
 
   Exceptions raised where no one can catch them (callbacks of background threads: Python calls
   them "unraisable") are held back until the end. After a one-line error they are dropped: they
@@ -138,7 +138,7 @@ def run(main):
   reads of a damaged checkpoint), a screenful of tracebacks that would bury the one line.
   """
   if any(arg in ('--help', '-h', '-help', '--helpfull') for arg in sys.argv[1:]):
-    print(help_text())
+    print(help_text(main.__module__))  # '__main__' under `python -m`, the module for console scripts
     sys.exit(0)
   argv = parse_flags(sys.argv)
   default_hook, held, one_line_error = sys.unraisablehook, [], False

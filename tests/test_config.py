@@ -90,12 +90,14 @@ def test_help_lists_the_entry_points_flags(module):
   flags = re.findall(r"cli\.define_\w+\(\s*'(\w+)'", source)
   flags += ['config'] if 'cli.define_config_flag(' in source else []
   assert flags, f'{module} defines no flags?'
-  r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', '--help'], cwd=REPO,
-                     capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr
-  assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
-  listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
-  assert sorted(listed) == sorted(flags)
+  as_module = [sys.executable, '-m', f'colorflax.{module}']
+  as_console_script = [sys.executable, '-c', f'from colorflax.{module} import entry_point; entry_point()']
+  for command in (as_module, as_console_script):  # colorflax-train etc. import the module, then run it
+    r = subprocess.run(command + ['--help'], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
+    listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
+    assert sorted(listed) == sorted(flags)
 
 
 @pytest.mark.parametrize('module,arg', [('evaluate', '--samples=-3'), ('colorize', '--size=-8'),
