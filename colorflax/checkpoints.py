@@ -94,8 +94,7 @@ def _readable(mngr, step, advice):
   after it was written) -> one line naming it and the other steps; nothing is deleted."""
   try:
     yield
-  except Exception as error:  # orbax, tensorstore and the handlers raise many types for this
-    e = error
+  except Exception as e:  # orbax, tensorstore and the handlers raise many types for this
     while e.__cause__ is not None:  # tensorstore's own message names the file and what is wrong
       e = e.__cause__
     text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)

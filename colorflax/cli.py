@@ -117,7 +117,7 @@ def load_workdir_config(workdir):
 
 def help_text(module='__main__') -> str:
   """The entry point's docstring and its flags: what `--help` prints."""
-  doc = (sys.modules[module].__doc__ or '').strip() if module in sys.modules else ''
+  doc = (sys.modules[module].__doc__ or '').strip()
   lines = [doc, '', 'flags:'] if doc else ['flags:']
   for name in _MODULE_FLAGS.get(module, []):
     flag = flags.FLAGS[name]
