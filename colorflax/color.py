@@ -42,8 +42,8 @@ def rgb_to_lab(rgb):
   return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
 
 
-def lab_to_rgb(lab, clip=True):
-  """L*a*b* (..., 3) -> sRGB in [0, 1] (out-of-gamut colours are clipped, as skimage does)."""
+def _lab_to_linear_rgb(lab):
+  """L*a*b* (..., 3) -> linear (not gamma-encoded) sRGB, unclipped."""
   lab = jnp.asarray(lab, jnp.float32)
   l, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
   fy = (l + 16.0) / 116.0
@@ -51,11 +51,22 @@ def lab_to_rgb(lab, clip=True):
   fz = jnp.maximum(fy - b / 200.0, 0.0)  # skimage clips negative z to 0 as well
   f = jnp.stack([fx, fy, fz], axis=-1)
   xyz = jnp.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787) * _WHITE_D65.astype(np.float32)
-  linear = _mix(xyz, _RGB_FROM_XYZ)
+  return _mix(xyz, _RGB_FROM_XYZ)
+
+
+def lab_to_rgb(lab, clip=True):
+  """L*a*b* (..., 3) -> sRGB in [0, 1] (out-of-gamut colours are clipped, as skimage does)."""
+  linear = _lab_to_linear_rgb(lab)
   rgb = jnp.where(linear > 0.0031308,
                   1.055 * jnp.maximum(linear, 0.0031308) ** (1.0 / 2.4) - 0.055,
                   12.92 * linear)
   return jnp.clip(rgb, 0.0, 1.0) if clip else rgb
+
+
+# sRGB's [-1e-4, 1 + 1e-4] (the gamut, with float slack) in linear RGB: the gamma encoding is
+# continuous and increasing, so testing linear values against these is the same test, without
+# its power function in each of the bisection's steps.
+_LINEAR_GAMUT = (-1e-4 / 12.92, ((1.0 + 1e-4 + 0.055) / 1.055) ** 2.4)
 
 
 def fit_ab_to_gamut(l, ab, iterations=12):
@@ -65,8 +76,8 @@ def fit_ab_to_gamut(l, ab, iterations=12):
   chroma instead keeps L and hue exactly. l: (..., 1) in [0, 100], ab: (..., 2). Bisection.
   """
   def inside(scale):
-    rgb = lab_to_rgb(jnp.concatenate([l, ab * scale], axis=-1), clip=False)
-    return jnp.all((rgb >= -1e-4) & (rgb <= 1.0 + 1e-4), axis=-1, keepdims=True)
+    linear = _lab_to_linear_rgb(jnp.concatenate([l, ab * scale], axis=-1))
+    return jnp.all((linear >= _LINEAR_GAMUT[0]) & (linear <= _LINEAR_GAMUT[1]), axis=-1, keepdims=True)
 
   ok = inside(1.0)
   lo, hi = jnp.zeros_like(l), jnp.ones_like(l)

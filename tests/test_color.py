@@ -70,3 +70,25 @@ def test_seed_normalisation_round_trips():
 def test_rgb_to_lab_has_finite_gradient_at_black():
   g = jax.grad(lambda x: color.rgb_to_lab(x).sum())(np.zeros((2, 3), np.float32))
   assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_fit_ab_to_gamut_keeps_lightness_and_hue_and_takes_the_most_chroma():
+  rng = np.random.default_rng(2)
+  l = rng.uniform(1, 99, (4096, 1)).astype(np.float32)
+  ab = rng.uniform(-128, 127, (4096, 2)).astype(np.float32)
+  fitted = np.asarray(jax.jit(color.fit_ab_to_gamut)(l, ab))
+
+  def raw_rgb(ab_):  # sRGB without clipping, to see whether a colour is inside the gamut
+    return np.asarray(color.lab_to_rgb(np.concatenate([l, ab_], -1), clip=False), np.float64)
+
+  scale = np.linalg.norm(fitted, axis=-1) / np.linalg.norm(ab, axis=-1)
+  inside = np.all((raw_rgb(ab) >= -1e-4) & (raw_rgb(ab) <= 1 + 1e-4), -1)
+  assert 0.05 < inside.mean() < 0.95  # the test sees both kinds of pixel
+  np.testing.assert_array_equal(fitted[inside], ab[inside])  # in-gamut colours are untouched
+  np.testing.assert_allclose(fitted, ab * scale[:, None], rtol=1e-5, atol=1e-4)  # same hue
+  rgb = raw_rgb(fitted)
+  assert rgb.min() >= -2e-4 and rgb.max() <= 1 + 2e-4  # now inside
+  # ...with the most chroma the bisection can resolve: 1/2^12 more is outside again.
+  more = raw_rgb(ab * np.minimum(scale + 2.0 ** -11, 1.0)[:, None])
+  outside_again = np.any((more < -1e-4) | (more > 1 + 1e-4), -1)
+  assert outside_again[~inside].mean() > 0.99

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from colorflax import checkpoints, colorize, evaluate, metrics, precompute_features, synthetic, train
+from colorflax import checkpoints, color, colorize, evaluate, metrics, precompute_features, synthetic, train
 from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,31 @@ def test_colorize_keeps_size_and_lightness(trained, tmp_path):
   _assert_colorized(inputs, tmp_path / 'out' / 'in')
   colourful = np.asarray(Image.open(tmp_path / 'out' / 'in' / 'odd_landscape.png'), np.float32) / 255.0
   assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
+
+
+def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tmp_path):
+  monkeypatch.setattr(colorize, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
+  rng = np.random.default_rng(0)
+  reference = jax.jit(lambda l, ab: color.lab_to_rgb(jnp.concatenate([l, color.fit_ab_to_gamut(l, ab)], -1)))
+  before = colorize._lab_to_srgb_uint8._cache_size()
+  for h, w in ((37, 61), (40, 59), (45, 70), (3, 5), (2, 7), (4, 3), (1, 1)):
+    l = rng.uniform(0, 100, (h, w)).astype(np.float32)
+    ab = rng.uniform(-1, 1, (4, 4, 2)).astype(np.float32)
+    got = colorize.recombine(l, ab)
+    up = np.stack([np.asarray(Image.fromarray(ab[..., c], 'F').resize((w, h), Image.Resampling.BILINEAR))
+                   for c in range(2)], -1) * 128
+    want = np.asarray(reference(l[..., None], up.astype(np.float32))) * 255
+    assert got.shape == (h, w, 3)
+    assert np.abs(got - want).max() <= 0.5 + 1e-3  # the same pixels, rounded to uint8
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    gray = np.asarray(color.rgb_to_gray(rgb / np.float32(255)))
+    Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+    gray_full, l_full = colorize._full_res_gray(tmp_path / 'rgb.png')
+    np.testing.assert_allclose(gray_full, gray, atol=1e-6)
+    np.testing.assert_allclose(l_full, np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0],
+                               atol=1e-3)
+  # Large images run as chunks of one size; small ones as powers of two: a few programs in all.
+  assert colorize._lab_to_srgb_uint8._cache_size() - before <= 3
 
 
 def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
