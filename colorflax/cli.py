@@ -35,9 +35,16 @@ def _define(name, define, *args, **kwargs):
   return holder if holder is not None else define(name, *args, **kwargs)
 
 
-def define_config_flag(default=None):
+_CONFIG_HELP = 'Path to a config file, e.g. configs/quickstart.py.'
+_WORKDIR_CONFIG_HELP = ("Not read: the workdir's recorded config (DIR/config.json) is used; "
+                        '--config.FIELD=VALUE overrides one of its fields, e.g. --config.data.cache_dir=DIR.')
+
+
+def define_config_flag(default=None, for_workdir=False):
+  """`--config FILE` with `--config.a.b=value` overrides. `for_workdir`: the entry point reads a
+  workdir's recorded config and takes only the overrides from the command line."""
   return _define('config', config_flags.DEFINE_config_file, default,
-                 'Path to a config file, e.g. configs/quickstart.py.', lock_config=True)
+                 _WORKDIR_CONFIG_HELP if for_workdir else _CONFIG_HELP, lock_config=True)
 
 
 def define_string(name, default, help_text):
@@ -121,6 +128,9 @@ def help_text(module='__main__') -> str:
   lines = [doc, '', 'flags:'] if doc else ['flags:']
   for name in _MODULE_FLAGS.get(module, []):
     flag = flags.FLAGS[name]
+    if flag.help == _WORKDIR_CONFIG_HELP:  # its default path is never read: do not show it
+      lines.append(f'  --{name}: {flag.help}')
+      continue
     default = (flag.default_as_str or '').strip("'")  # the config flag's default is its path
     lines.append(f"  --{name}: {flag.help} [default: {default if default not in ('', 'None') else 'none'}]")
     if name == 'config':

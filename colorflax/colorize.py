@@ -17,7 +17,7 @@ from PIL import Image
 from colorflax import checkpoints, cli, color, features_cache, image_io
 from colorflax.errors import UserError
 
-cli.define_config_flag(default=cli.default_config_path())  # only for --config.x=... overrides
+cli.define_config_flag(default=cli.default_config_path(), for_workdir=True)
 _WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
 _OUTPUT = cli.define_string('output', None, 'Folder for the colorized PNGs (created if needed).')
 _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")

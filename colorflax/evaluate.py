@@ -17,8 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from colorflax import checkpoints, cli, color, device_pipeline, features_cache, metrics, reporting
 from colorflax.errors import UserError
 
-# Only for --config.x=... overrides of the workdir's recorded config (--config itself is not needed).
-cli.define_config_flag(default=cli.default_config_path())
+cli.define_config_flag(default=cli.default_config_path(), for_workdir=True)
 _WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
 _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
 _SPLIT = cli.define_string('split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.")

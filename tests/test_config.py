@@ -98,6 +98,9 @@ def test_help_lists_the_entry_points_flags(module):
     assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
     listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
     assert sorted(listed) == sorted(flags)
+    if 'for_workdir=True' in source:  # reads DIR/config.json: its --config file is never read
+      config_line = re.search(r'^  --config: .*$', r.stdout, re.MULTILINE).group(0)
+      assert 'config.json' in config_line and 'default.py' not in config_line, config_line
 
 
 @pytest.mark.parametrize('module,arg', [('evaluate', '--samples=-3'), ('colorize', '--size=-8'),
