@@ -8,6 +8,7 @@ Inception (CUDA when present, else every CPU core) and streams rows into the cac
 import collections
 import multiprocessing
 import os
+import re
 import shutil
 import time
 
@@ -181,10 +182,18 @@ def precompute(config, overwrite=False, progress=True):
   print(f'cached {writer.images.rows} images ({len(skipped)} skipped) at {config.data.image_size}px with '
         f'{config.features.kind} features [{weights_used}] in {out_dir}: '
         f'{elapsed:.1f}s, {(end - begin) / max(elapsed, 1e-9):.1f} img/s')
+  if skipped:
+    print(f'skipped: {skip_summary(skipped)}; each file and its reason is in {out_dir}/manifest.json')
   if shards > 1:
     print(f'shard {shard + 1} of {shards} done; when all are, join them: '
           f'python -m colorflax.precompute_features --config ... --merge')
   return out_dir
+
+
+def skip_summary(skipped) -> str:
+  """'3 unreadable, 1 empty file, ...': skip reasons counted by kind (the text before ':' or '(')."""
+  kinds = collections.Counter(re.split(r'[:(]', s['reason'])[0].strip() for s in skipped)
+  return ', '.join(f'{count} {kind}' for kind, count in kinds.most_common())
 
 
 def merge(config):
@@ -212,7 +221,8 @@ def merge(config):
   manifest['skipped'] = [s for c in opened for s in c.manifest['skipped']]
   writer.finish(manifest)
   shutil.rmtree(features_cache.parts_root(cache_dir))
-  print(f'merged {shards} shards: {writer.images.rows} images in {cache_dir}')
+  print(f'merged {shards} shards: {writer.images.rows} images in {cache_dir}'
+        + (f' ({skip_summary(manifest["skipped"])} skipped: see its manifest.json)' if manifest['skipped'] else ''))
   return cache_dir
 
 

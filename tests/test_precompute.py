@@ -74,9 +74,11 @@ def mixed_folder(tmp_path_factory):
   return root
 
 
-def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(mixed_folder, weights_pth, tmp_path):
+def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(mixed_folder, weights_pth, tmp_path, capsys):
   config = _config(mixed_folder, tmp_path / 'cache', **{'features.inception_weights': weights_pth})
   precompute_features.precompute(config, progress=False)
+  assert ('skipped: 2 grayscale, 1 unreadable, 1 empty file, 1 not an image; each file and its reason is in '
+          f'{tmp_path}/cache/manifest.json') in capsys.readouterr().out
   cache = features_cache.open_cache(config.data.cache_dir)
   m = cache.manifest
   assert m['num_images'] == 6
