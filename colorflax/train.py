@@ -283,8 +283,13 @@ def train_and_evaluate(config, workdir, progress=True):
     wanted = streaming.IteratorState() if mode == 'streaming' else None
     state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
     log(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
-  checkpoints.write_config(workdir, config)  # num_epochs etc. may have changed on resume
   start_step = int(state.step)
+  if start_step >= total_steps:  # e.g. the same command run twice: no data to load, nothing to compile
+    mngr.close()
+    log(f'nothing to train: config.num_epochs={config.num_epochs} ends at step {total_steps}; '
+        f'raise it to train further')
+    return state, None
+  checkpoints.write_config(workdir, config)  # num_epochs etc. may have changed on resume
   if mode == 'resident':
     feeder = device_pipeline.ResidentFeeder(cache, train_rows, val_rows, mesh, config, batch, steps_per_epoch,
                                             eval_batch)

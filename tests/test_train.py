@@ -122,7 +122,7 @@ def test_bfloat16_training(cache_dir, tmp_path, capsys):
              and np.issubdtype(x.dtype, np.floating))
 
 
-def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
+def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path, capsys):
   full, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(tmp_path / 'a'), progress=False)
   train.train_and_evaluate(small_config(cache_dir, num_epochs=1), str(tmp_path / 'b'), progress=False)
   resumed, _ = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(tmp_path / 'b'), progress=False)
@@ -130,6 +130,12 @@ def test_resume_after_an_epoch_equals_uninterrupted(cache_dir, tmp_path):
   a = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   b = [json.loads(l) for l in (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()]
   assert [x['val_loss'] for x in a] == pytest.approx([x['val_loss'] for x in b], rel=1e-6)
+  # The same command again: it says there is nothing to do, and changes nothing in the workdir.
+  before = {p: p.read_bytes() for p in (tmp_path / 'b').rglob('*') if p.is_file()}
+  again, last = train.train_and_evaluate(small_config(cache_dir, num_epochs=3), str(tmp_path / 'b'), progress=False)
+  assert last is None and 'nothing to train: config.num_epochs=3 ends at step' in capsys.readouterr().out
+  _assert_same_params(resumed, again)
+  assert {p: p.read_bytes() for p in (tmp_path / 'b').rglob('*') if p.is_file()} == before
 
 
 @pytest.mark.parametrize('placement', ['resident', 'streaming'])
