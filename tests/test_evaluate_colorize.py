@@ -115,6 +115,18 @@ def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
   assert json.loads(out.read_text())['num_images'] == 48
 
 
+def test_evaluate_at_another_image_size(trained, tmp_path):
+  root, config = trained
+  other = small_config(tmp_path / 'cache48', num_epochs=3, **{'data.image_size': 48})
+  precompute_features.precompute(other, progress=False)
+  on_other_cache = small_config(tmp_path / 'cache48', num_epochs=3)  # the run's settings (32 px)
+  with pytest.raises(UserError, match='holds 48px images, the run was trained at 32px; to evaluate at 48px add '
+                                      '--config.data.image_size=48'):
+    evaluate.evaluate(str(root / 'run'), on_other_cache, 'best', 'val')
+  summary, _ = evaluate.evaluate(str(root / 'run'), other, 'best', 'val')
+  assert summary['num_images'] == 12 and np.isfinite([summary['psnr'], summary['ssim'], summary['auc']]).all()
+
+
 # orbax's other reads of the damaged arrays fail too, after the first error, in the background
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_damaged_checkpoint_and_config_are_one_line_errors(trained, tmp_path):
