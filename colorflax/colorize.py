@@ -141,6 +141,13 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   if not items:
     raise UserError('no input images given')
   output = os.path.abspath(os.path.expanduser(output))
+  # Checked before the model loads: a bad --output is found in a second, not after the first batch.
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UserError(f'--output {output} is a file; give a folder')
+  try:
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--output {output}: cannot create the folder ({e.strerror or e})') from None
   input_paths = {p for p, _ in items}
   colorizer = Colorizer(workdir, config, which, size, inception_weights)
   written, failed = [], []
@@ -152,9 +159,15 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     ab = colorizer.colorize_batch([g for _, _, g, _ in batch])
     for (path, out, _, l_full), ab_small in zip(batch, ab):
       rgb = recombine(l_full, ab_small)
-      os.makedirs(os.path.dirname(out), exist_ok=True)
-      Image.fromarray(rgb).save(out + '.tmp.png')
-      os.replace(out + '.tmp.png', out)
+      try:  # written aside, then renamed: a full disk never leaves a cut-off PNG under the real name
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        Image.fromarray(rgb).save(out + '.tmp.png')
+        os.replace(out + '.tmp.png', out)
+      except OSError as e:
+        if os.path.isfile(out + '.tmp.png'):
+          os.remove(out + '.tmp.png')
+        failed.append((path, f'cannot write {out}: {e.strerror or e}'))
+        continue
       written.append(out)
     batch.clear()
 

@@ -178,6 +178,21 @@ def test_colorize_keeps_size_and_lightness(trained, tmp_path):
   assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
 
 
+def test_colorize_output_that_cannot_be_written(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  (tmp_path / 'a_file').write_text('keep me')
+  with pytest.raises(UserError, match='--output .*a_file is a file; give a folder'):
+    colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'a_file'), progress=False)
+  assert (tmp_path / 'a_file').read_text() == 'keep me'
+  (tmp_path / 'out' / 'in' / 'odd_landscape.png').mkdir(parents=True)  # a folder where one output goes
+  written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  assert [os.path.basename(p) for p in written] == ['portrait_gray.png']  # the others are still written
+  reasons = {os.path.basename(p): r for p, r in failed}
+  assert set(reasons) == {'broken.jpg', 'odd_landscape.jpg'} and reasons['odd_landscape.jpg'].startswith('cannot write')
+  assert sorted(p.name for p in (tmp_path / 'out' / 'in').iterdir()) == ['odd_landscape.png', 'portrait_gray.png']
+
+
 def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tmp_path):
   monkeypatch.setattr(colorize, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
   rng = np.random.default_rng(0)
