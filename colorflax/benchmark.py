@@ -457,11 +457,12 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.load_config(_CONFIG)
+  json_path = cli.output_file(_JSON.value, 'json')
   results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value,
                 _SEED_EPOCH_IMAGES.value, _ROUNDS.value)
   print(format_table(results))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if json_path:
+    with open(json_path, 'w') as f:
       json.dump(results, f, indent=2)
 
 

@@ -102,6 +102,26 @@ def load_config(holder):
   return config_validation.validate(config)
 
 
+def output_file(path, flag):
+  """`path` made ready to be written at the end of a long run: its folder created, and a path
+  that cannot be a file (a folder, a file as its parent) refused now, not after the work."""
+  if not path:
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(path):
+    raise UserError(f'--{flag} {path} is a folder; give a file name')
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f'--{flag} {path}: {parent} is a file, not a folder')
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--{flag} {path}: cannot create its folder ({e.strerror or e})') from None
+  return path
+
+
 def default_config_path():
   import configs
   return os.path.join(os.path.dirname(configs.__file__), 'default.py')

@@ -129,10 +129,11 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   config = cli.load_workdir_config(_WORKDIR.value)
+  json_path = cli.output_file(_JSON.value, 'json')
   summary, grid = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
   print(format_table(summary))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if json_path:
+    with open(json_path, 'w') as f:
       json.dump(summary, f, indent=2)
   if grid is not None:
     from PIL import Image

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from colorflax import config_validation
+from colorflax import cli, config_validation
 from colorflax.errors import ConfigError
 from configs import default, quickstart
 
@@ -138,3 +138,17 @@ def test_unraisable_exceptions_are_shown_unless_a_one_line_error_ends_the_run(fa
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ['-c: error: the one line']
   else:
     assert r.returncode == 0 and 'RuntimeError: background failure' in r.stderr
+
+
+def test_output_files_are_checked_before_the_work(tmp_path):
+  (tmp_path / 'a_file').write_text('keep me')
+  for bad, message in ((tmp_path, 'is a folder; give a file name'),
+                       (tmp_path / 'a_file' / 'sub' / 'out.json', f'{tmp_path / "a_file"} is a file, not a folder')):
+    r = subprocess.run([sys.executable, '-m', 'colorflax.benchmark', f'--json={bad}'], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'benchmark.py: error: --json {bad}' +
+                                                                  (' ' if message.startswith('is') else ': ') + message]
+  assert (tmp_path / 'a_file').read_text() == 'keep me'
+  target = cli.output_file(str(tmp_path / 'new' / 'deeper' / 'm.json'), 'json')
+  assert target == str(tmp_path / 'new' / 'deeper' / 'm.json') and (tmp_path / 'new' / 'deeper').is_dir()
+  assert cli.output_file('', 'json') is None
