@@ -102,6 +102,23 @@ def load_config(holder):
   return config_validation.validate(config)
 
 
+def _file_on_the_way(folder, flag, given):
+  """A folder to be written into: refuse it now if it, or a folder above it, is a file."""
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f'--{flag} {given}' + (' is a file; give a folder' if existing == given
+                                           else f': {existing} is a file, not a folder'))
+
+
+def output_folder(path, flag):
+  """`path` (absolute) if it can be a folder to write into, else a one-line error; not created."""
+  path = os.path.abspath(os.path.expanduser(path))
+  _file_on_the_way(path, flag, path)
+  return path
+
+
 def output_file(path, flag):
   """`path` made ready to be written at the end of a long run: its folder created, and a path
   that cannot be a file (a folder, a file as its parent) refused now, not after the work."""
@@ -110,11 +127,7 @@ def output_file(path, flag):
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
     raise UserError(f'--{flag} {path} is a folder; give a file name')
-  parent = os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise UserError(f'--{flag} {path}: {parent} is a file, not a folder')
+  _file_on_the_way(os.path.dirname(path), flag, path)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
   except OSError as e:

@@ -140,10 +140,8 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   items = expand_inputs(inputs)
   if not items:
     raise UserError('no input images given')
-  output = os.path.abspath(os.path.expanduser(output))
   # Checked before the model loads: a bad --output is found in a second, not after the first batch.
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise UserError(f'--output {output} is a file; give a folder')
+  output = cli.output_folder(output, 'output')
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:

@@ -40,7 +40,7 @@ def main(argv):
     raise UserError('usage: python -m colorflax.convert_torch SEED.pth --workdir DIR')
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
-  convert(argv[1], _WORKDIR.value, _OVERWRITE.value)
+  convert(argv[1], cli.output_folder(_WORKDIR.value, 'workdir'), _OVERWRITE.value)
   print(f'wrote {checkpoints.checkpoint_dir(_WORKDIR.value)}/0 from {argv[1]}')
 
 

@@ -394,7 +394,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   config = cli.load_config(_CONFIG)
-  train_and_evaluate(config, _WORKDIR.value, progress=True)
+  train_and_evaluate(config, cli.output_folder(_WORKDIR.value, 'workdir'), progress=True)
 
 
 def entry_point():

@@ -148,6 +148,13 @@ def test_output_files_are_checked_before_the_work(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'benchmark.py: error: --json {bad}' +
                                                                   (' ' if message.startswith('is') else ': ') + message]
+  for module, args in (('train', ['--config=configs/quickstart.py']), ('convert_torch', ['seed.pth'])):
+    for workdir, message in ((tmp_path / 'a_file', 'is a file; give a folder'),
+                             (tmp_path / 'a_file' / 'run', f': {tmp_path / "a_file"} is a file, not a folder')):
+      r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', *args, f'--workdir={workdir}'], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+      assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+          f'{module}.py: error: --workdir {workdir}' + (' ' if message.startswith('is') else '') + message], r.stderr
   assert (tmp_path / 'a_file').read_text() == 'keep me'
   target = cli.output_file(str(tmp_path / 'new' / 'deeper' / 'm.json'), 'json')
   assert target == str(tmp_path / 'new' / 'deeper' / 'm.json') and (tmp_path / 'new' / 'deeper').is_dir()
