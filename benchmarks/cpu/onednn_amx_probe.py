@@ -9,6 +9,8 @@ once per XLA setting, each in a fresh process (XLA reads its flags once):
     --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT \
     --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE" \
     python benchmarks/cpu/onednn_amx_probe.py                      # dots on oneDNN, AMX allowed
+  XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,\
+LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" python benchmarks/cpu/onednn_amx_probe.py   # YNNPACK's
 """
 
 import os
