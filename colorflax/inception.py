@@ -133,10 +133,15 @@ def load_for_cache(manifest, cache_dir, override=None):
     weights, seed = override or 'imagenet', 0
   model, used = load_model(weights, seed=seed)
   if used.startswith('random'):
-    stats_file = manifest.get('inception_calibration') if manifest else None
+    if manifest is None:  # the model needs the very network its cache was built with
+      raise UserError(f'no features cache at {cache_dir}: the run was trained on features of calibrated random '
+                      'Inception weights, whose statistics are kept with that cache; point to it with '
+                      '--config.data.cache_dir=DIR')
+    stats_file = manifest.get('inception_calibration')
     if not stats_file or not cache_dir or not os.path.isfile(os.path.join(cache_dir, stats_file)):
-      raise UserError('the features came from calibrated random Inception weights whose statistics are '
-                      'not available; pass --config.features.inception_weights=PATH.pth or imagenet')
+      raise UserError(f'the cache at {cache_dir} has lost its calibrated Inception statistics '
+                      f'({stats_file or "not recorded"}), which its features came from; rebuild it: '
+                      'python -m colorflax.precompute_features --config CONFIG --overwrite')
     stats = torch.load(os.path.join(cache_dir, stats_file), map_location='cpu', weights_only=True)
     model.load_state_dict(stats, strict=False)
   return to_device(model.eval()), used

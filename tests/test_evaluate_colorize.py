@@ -193,6 +193,21 @@ def test_colorize_output_that_cannot_be_written(trained, tmp_path):
   assert sorted(p.name for p in (tmp_path / 'out' / 'in').iterdir()) == ['odd_landscape.png', 'portrait_gray.png']
 
 
+def test_colorize_without_the_cache_its_random_inception_features_came_from(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  moved = config.copy_and_resolve_references()
+  moved.data.cache_dir = str(tmp_path / 'moved')  # e.g. the cache was moved after training
+  with pytest.raises(UserError, match=r'no features cache at .*moved: .* point to it with --config.data.cache_dir='):
+    colorize.colorize(str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  shutil.copytree(config.data.cache_dir, tmp_path / 'moved')
+  stats = tmp_path / 'moved' / json.loads((tmp_path / 'moved' / 'manifest.json').read_text())['inception_calibration']
+  stats.unlink()
+  with pytest.raises(UserError, match=f'has lost its calibrated Inception statistics \\({stats.name}\\)'):
+    colorize.colorize(str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').rglob('*.png'))
+
+
 def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tmp_path):
   monkeypatch.setattr(colorize, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
   rng = np.random.default_rng(0)
