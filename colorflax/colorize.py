@@ -7,6 +7,7 @@ resolution and recombined with the original full-resolution L, so the output kee
 size and detail; chroma is reduced where needed to stay inside the sRGB gamut, so L is kept.
 """
 
+import collections
 import os
 
 import jax
@@ -25,7 +26,8 @@ _SIZE = cli.define_integer('size', 0, 'Working resolution (multiple of 8); 0 = t
 
 
 def expand_inputs(inputs):
-  """[(path, output name)] for files and folders (recursively), in order, without duplicates."""
+  """[(path, output name or None, why not)] for files and folders (recursively), in order,
+  without duplicates, and with no two inputs given the same output name."""
   found, seen = [], set()
   for item in inputs:
     path = os.path.abspath(os.path.expanduser(item))
@@ -35,18 +37,33 @@ def expand_inputs(inputs):
         for name in sorted(filenames):
           if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, os.path.dirname(path))
-            found.append((full, os.path.splitext(rel)[0] + '.png'))
+            found.append((full, os.path.relpath(full, os.path.dirname(path))))
     elif os.path.isfile(path):
-      found.append((path, os.path.splitext(os.path.basename(path))[0] + '.png'))
+      found.append((path, os.path.basename(path)))
     else:
       found.append((path, None))  # reported as a failure, like an unreadable file
   unique = []
-  for path, out in found:
+  for path, rel in found:
     if path not in seen:
       seen.add(path)
-      unique.append((path, out))
-  return unique
+      unique.append((path, rel))
+  # photo.jpg and photo.png would both become photo.png: such inputs keep their extension in the
+  # name (photo.jpg.png, photo.png.png). A clash that remains (a.jpg from two folders, given as
+  # files) is refused for the later input: no output overwrites another.
+  stem = lambda rel: os.path.splitext(rel)[0] + '.png'
+  clashes = collections.Counter(stem(rel).lower() for _, rel in unique if rel)  # A.png is a.png on macOS
+  taken, result = {}, []
+  for path, rel in unique:
+    if rel is None:
+      result.append((path, None, 'no such file or folder'))
+      continue
+    out = stem(rel) if clashes[stem(rel).lower()] == 1 else rel + '.png'
+    if out.lower() in taken:
+      result.append((path, None, f'its output name {out} is taken by {taken[out.lower()]}'))
+      continue
+    taken[out.lower()] = path
+    result.append((path, out, None))
+  return result
 
 
 # The full-resolution work is per pixel, so it runs on flat runs of at most this many pixels,
@@ -146,7 +163,7 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise UserError(f'--output {output}: cannot create the folder ({e.strerror or e})') from None
-  input_paths = {p for p, _ in items}
+  input_paths = {p for p, _, _ in items}
   colorizer = Colorizer(workdir, config, which, size, inception_weights)
   written, failed = [], []
   batch = []
@@ -169,9 +186,9 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
       written.append(out)
     batch.clear()
 
-  for path, name in tqdm(items, desc='colorize', unit='img', disable=not progress):
+  for path, name, why_not in tqdm(items, desc='colorize', unit='img', disable=not progress):
     if name is None:
-      failed.append((path, 'no such file or folder'))
+      failed.append((path, why_not))
       continue
     out = os.path.join(output, name)
     if os.path.abspath(out) in input_paths:

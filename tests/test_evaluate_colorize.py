@@ -178,6 +178,24 @@ def test_colorize_keeps_size_and_lightness(trained, tmp_path):
   assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
 
 
+def test_no_two_inputs_get_the_same_output_name(tmp_path):
+  for rel in ('in/photo.jpg', 'in/photo.png', 'in/Photo.webp', 'in/sub/x.jpg', 'in/y.tif', 'other/y.tif',
+              'third/y.tif'):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(b'not decoded here')
+  items = colorize.expand_inputs([str(tmp_path / 'in'), str(tmp_path / 'in' / 'y.tif'), str(tmp_path / 'y.tif'),
+                                  str(tmp_path / 'other' / 'y.tif'), str(tmp_path / 'third' / 'y.tif')])
+  got = [(os.path.relpath(p, tmp_path), out, why) for p, out, why in items]
+  assert got == [('in/Photo.webp', 'in/Photo.webp.png', None),  # photo.* clash (also by case): keep extensions
+                 ('in/photo.jpg', 'in/photo.jpg.png', None),
+                 ('in/photo.png', 'in/photo.png.png', None),
+                 ('in/y.tif', 'in/y.png', None),  # once only, though given twice
+                 ('in/sub/x.jpg', 'in/sub/x.png', None),
+                 ('y.tif', None, 'no such file or folder'),
+                 ('other/y.tif', 'y.tif.png', None),  # files given alone: named by their base name
+                 ('third/y.tif', None, f'its output name y.tif.png is taken by {tmp_path}/other/y.tif')]
+
+
 def test_colorize_output_that_cannot_be_written(trained, tmp_path):
   root, config = trained
   inputs = _inputs(tmp_path / 'in')
