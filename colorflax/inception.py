@@ -78,11 +78,18 @@ def load_model(weights: str, seed: int = 0):
   path = os.path.expanduser(weights)
   try:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(state_dict, dict):  # name the first mismatch: load_state_dict's text lists them all
+      names = set(model.state_dict())
+      missing, unexpected = sorted(names - set(state_dict)), sorted(set(state_dict) - names)
+      if missing or unexpected:
+        raise ValueError(f'{len(missing)} missing keys, {len(unexpected)} unexpected, e.g. '
+                         + (f'no {missing[0]!r}' if missing else f'{unexpected[0]!r}'))
     model.load_state_dict(state_dict)
   except FileNotFoundError:
     raise UserError(f'features.inception_weights: no such file: {weights}') from None
   except Exception as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    first = lines[1] if lines[0].startswith('Error(s) in loading') and len(lines) > 1 else lines[0]
     raise UserError(f'features.inception_weights: {weights} is not a torchvision Inception-v3 state_dict ({first})') from None
   return model.eval(), f'file:{os.path.abspath(path)}'
 

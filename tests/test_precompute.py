@@ -154,6 +154,20 @@ def test_random_weights_are_calibrated_to_a_sane_scale(tmp_path):
   assert e.std(0).mean() > 1e-3  # images get different features
 
 
+def test_a_weights_file_that_is_not_inception_v3_names_the_problem(weights_pth, tmp_path):
+  from colorflax.reference import EncDec
+  torch.save(EncDec().state_dict(), tmp_path / 'colorizer.pth')  # the wrong model's weights
+  good = torch.load(weights_pth, weights_only=True)
+  torch.save({**good, 'fc.weight': good['fc.weight'][:10]}, tmp_path / 'ten_classes.pth')
+  (tmp_path / 'junk.pth').write_bytes(b'junk')
+  for name, problem in (('colorizer.pth', "580 missing keys, 42 unexpected, e.g. no 'AuxLogits.conv0.bn.bias'"),
+                        ('ten_classes.pth', 'size mismatch for fc.weight'),
+                        ('junk.pth', '')):
+    with pytest.raises(UserError, match=f'{name} is not a torchvision Inception-v3 state_dict \\({problem}') as e:
+      inception.load_model(str(tmp_path / name))
+    assert '\n' not in str(e.value) and 'Error(s) in loading' not in str(e.value)
+
+
 def test_synthetic_source_is_deterministic_and_colourful(tmp_path):
   a = synthetic.landscape(5, 48, seed=1)
   assert np.array_equal(a, synthetic.landscape(5, 48, seed=1))
