@@ -107,7 +107,7 @@ def _full_res_gray(path):
 
 
 class Colorizer:
-  """Model + Inception for one workdir; `__call__(paths)` -> list of (uint8 RGB or None, error)."""
+  """Model + Inception for one workdir; `colorize_batch(grays)` -> each image's predicted ab."""
 
   def __init__(self, workdir, config, which='best', size=0, inception_weights=None):
     from colorflax import inception
@@ -129,18 +129,41 @@ class Colorizer:
     self.resize = config.data.resize
     self._predict = jax.jit(lambda v, l, e: self.model.apply(v, l, e, train=False))
 
+  def working_images(self, gray):
+    """Full-res grayscale (H, W) in [0, 1] -> (the model's input, Inception's input), uint8.
+
+    Both are the training cache's view of the image when it is a square. Otherwise the model
+    must see the whole frame, or its colours would not line up once upsampled onto it: a
+    `center_crop` run (shorter side to the size, then a crop) gets the uncropped image at that
+    scale, sides rounded to multiples of 8, as the model is convolutional; Inception still gets
+    the crop its features were made from."""
+    img = Image.fromarray((gray * 255 + 0.5).astype(np.uint8))
+    square = np.asarray(image_io.resize(img, self.size, self.resize), np.uint8)
+    if self.resize == 'squash':
+      return square, square
+    scale = self.size / min(img.size)
+    whole = img.resize(tuple(max(8, round(side * scale / 8) * 8) for side in img.size), Image.Resampling.BOX)
+    return np.asarray(whole, np.uint8), square
+
   def colorize_batch(self, grays):
-    """Full-res grayscale images (list of (H, W)) -> predicted ab/128 at the working size."""
+    """Full-res grayscale images (list of (H, W)) -> each one's predicted ab/128 at its working size."""
     from colorflax import inception
-    small = np.stack([np.asarray(image_io.resize(Image.fromarray((g * 255 + 0.5).astype(np.uint8)), self.size,
-                                                 self.resize), np.uint8) for g in grays])
-    emb = inception.embed(self.inception, inception.preprocess(small), self.kind)
-    l_small = np.asarray(color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0))[..., :1]
-    return np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb))
+    inputs, squares = zip(*(self.working_images(g) for g in grays))
+    emb = inception.embed(self.inception, inception.preprocess(np.stack(squares)), self.kind)
+    by_shape = collections.defaultdict(list)  # one batch per input shape (eval mode: images are independent)
+    for i, x in enumerate(inputs):
+      by_shape[x.shape].append(i)
+    ab = [None] * len(grays)
+    for rows in by_shape.values():
+      small = np.stack([inputs[i] for i in rows])
+      l_small = np.asarray(color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0))[..., :1]
+      for i, out in zip(rows, np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb[rows]))):
+        ab[i] = out
+    return ab
 
 
 def recombine(l_full, ab_small):
-  """Full-res L (H, W) + working-size ab/128 (S, S, 2) -> uint8 RGB (H, W, 3) at full size."""
+  """Full-res L (H, W) + working-size ab/128 (h, w, 2) -> uint8 RGB (H, W, 3) at full size."""
   h, w = l_full.shape
   ab = np.stack([np.asarray(Image.fromarray(ab_small[..., c].astype(np.float32), 'F').resize((w, h), Image.Resampling.BILINEAR))
                  for c in range(2)], axis=-1) * np.float32(color.AB_SCALE)

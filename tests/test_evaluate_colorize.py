@@ -14,7 +14,7 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from colorflax import checkpoints, color, colorize, evaluate, metrics, precompute_features, synthetic, train
+from colorflax import checkpoints, color, colorize, evaluate, image_io, metrics, precompute_features, synthetic, train
 from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,6 +194,28 @@ def test_no_two_inputs_get_the_same_output_name(tmp_path):
                  ('y.tif', None, 'no such file or folder'),
                  ('other/y.tif', 'y.tif.png', None),  # files given alone: named by their base name
                  ('third/y.tif', None, f'its output name y.tif.png is taken by {tmp_path}/other/y.tif')]
+
+
+@pytest.mark.parametrize('resize', ['squash', 'center_crop'])
+def test_colorize_colours_line_up_with_the_whole_frame(trained, resize):
+  # A wide image, bright on its left third only; a stand-in model that makes bright pixels
+  # reddish (a > 0) and dark ones greenish. Colours must land where the brightness is, in both
+  # resize modes (center_crop once coloured the whole frame from its central square).
+  root, config = trained
+  config = config.copy_and_resolve_references()
+  config.data.resize = resize
+  colorizer = colorize.Colorizer(str(root / 'run'), config)
+  colorizer._predict = lambda variables, l, emb: np.repeat(np.where(l > 0.5, 0.3, -0.3), 2, -1)
+  gray = np.full((40, 120), 0.2, np.float32)
+  gray[:, :40] = 0.9
+  model_input, inception_input = colorizer.working_images(gray)
+  expected_crop = image_io.resize(Image.fromarray((gray * 255 + 0.5).astype(np.uint8)), 32, resize)
+  np.testing.assert_array_equal(inception_input, np.asarray(expected_crop))  # features as in training
+  assert model_input.shape == ((32, 32) if resize == 'squash' else (32, 96))
+  [ab] = colorizer.colorize_batch([gray])
+  rgb = colorize.recombine(np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], ab)
+  a = skcolor.rgb2lab(rgb / 255.0)[..., 1]
+  assert (a[:, :36] > 5).all() and (a[:, 44:] < -5).all()
 
 
 def test_colorize_output_that_cannot_be_written(trained, tmp_path):
