@@ -4,13 +4,14 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 import torch
 
-from colorflax import checkpoints, precompute_features, train
+from colorflax import checkpoints, precompute_features, reporting, train
 from colorflax.errors import UserError
 from configs import quickstart
 
@@ -203,7 +204,7 @@ def test_streaming_resumes_from_any_checkpoint_and_rejects_a_foreign_stream_stat
     train.train_and_evaluate(streamed, str(work), progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, capsys):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, capsys, monkeypatch):
   bad_cache = tmp_path / 'bad'
   shutil.copytree(cache_dir, bad_cache)
   work = str(tmp_path / 'run')
@@ -214,6 +215,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, caps
   emb.flush()
   del emb
   capsys.readouterr()
+  monkeypatch.setattr(reporting, '_interactive', lambda: True)  # tqdm's bar, as on a terminal
   with pytest.raises(train.TrainingDiverged) as info:
     train.train_and_evaluate(small_config(bad_cache, num_epochs=2), work, progress=True)
   assert re.fullmatch(rf'loss became nan at step \d+; stopping\. The last good checkpoint \(step {good}\) is kept',
@@ -315,3 +317,19 @@ def test_polyphase_dec3_trains_like_the_plain_layer(cache_dir, tmp_path):
                                    str(tmp_path / form), progress=False)[0] for form in ('false', 'true')]
   assert int(runs[0].step) == 4
   _assert_trained_alike(*runs, (tmp_path / 'false', tmp_path / 'true'), ROUNDING_LR)
+
+
+def test_progress_in_a_log_file_is_a_plain_line_a_minute(monkeypatch, capsys):
+  clock = types.SimpleNamespace(time=lambda: now)
+  monkeypatch.setattr(reporting, 'time', clock)
+  now = 1000.0
+  bar = reporting.Reporter('/nonexistent', enabled=False).progress(total=100, initial=10, enabled=True)
+  assert bar.log_lines is False  # process 0 only: a disabled reporter says nothing
+  bar = reporting._Progress(total=100, initial=10, enabled=True)  # stderr is captured: not a terminal
+  for step_seconds in (30, 29, 2, 50, 15):
+    now += step_seconds
+    bar.update(5, loss=0.5, images=40)
+  bar.close()
+  lines = capsys.readouterr().err.split('\n')
+  assert lines == ['train: step 25/100 (25%), 2.0 img/s, loss 0.50000',  # at 61 s: 120 images
+                   'train: step 35/100 (35%), 1.6 img/s, loss 0.50000', '']  # at 126 s; no bar, no \r
