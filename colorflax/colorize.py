@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from colorflax import checkpoints, cli, color, features_cache, image_io
+from colorflax import checkpoints, cli, color, features_cache, image_io, reporting
 from colorflax.errors import UserError
 
 cli.define_config_flag(default=cli.default_config_path(), for_workdir=True)
@@ -175,7 +175,6 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)]).
 
   `inception_weights` overrides the features' recorded weights (None: use the record)."""
-  from tqdm import tqdm
 
   items = expand_inputs(inputs)
   if not items:
@@ -209,7 +208,7 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
       written.append(out)
     batch.clear()
 
-  for path, name, why_not in tqdm(items, desc='colorize', unit='img', disable=not progress):
+  for path, name, why_not in reporting.progress_bar(items, desc='colorize', unit='img', disable=not progress):
     if name is None:
       failed.append((path, why_not))
       continue

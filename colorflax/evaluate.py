@@ -86,9 +86,8 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   batch = -(-batch // len(devices)) * len(devices)
   fn = per_image_metrics(model)
   sharded = NamedSharding(mesh, P('data'))
-  from tqdm import tqdm
   results = []
-  for start in tqdm(range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False):
+  for start in reporting.progress_bar(range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False):
     chunk = rows[start:start + batch]
     n = len(chunk)
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n)])  # static shapes

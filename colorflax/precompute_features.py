@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from colorflax import cli, features_cache, sources
+from colorflax import cli, features_cache, reporting, sources
 from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
@@ -90,7 +90,6 @@ def precompute(config, overwrite=False, progress=True):
   """Builds (or reuses) the cache that `config` describes — or, with features.num_shards > 1,
   its part features.shard_index — and returns the directory written."""
   import torch
-  from tqdm import tqdm
 
   from colorflax import inception
 
@@ -142,7 +141,8 @@ def precompute(config, overwrite=False, progress=True):
         inception.calibrate(model, [inception.preprocess(np.stack(b)) for b in _batches(first, bs)])
         # Colorization must see the same network: keep its calibrated statistics with the cache.
         inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
-      with tqdm(total=end - begin, unit='img', disable=not progress, desc='precompute', smoothing=0.1) as bar:
+      with reporting.progress_bar(total=end - begin, unit='img', disable=not progress, desc='precompute',
+                                  smoothing=0.1) as bar:
         for i, image, reason in _decoded(pool, begin, end, workers):
           if reason is not None:
             skipped.append({'path': source.ids[i], 'reason': reason})

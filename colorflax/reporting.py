@@ -51,30 +51,40 @@ def _interactive():
   return sys.stderr.isatty()
 
 
-class _Progress:
-  """tqdm's bar on a terminal. In a log file (SLURM, CI, `> log`) a bar is one endless line of
-  carriage returns, so there it is a plain line at most every LOG_EVERY_SECONDS instead."""
+class _LogLines:
+  """tqdm's file when stderr is not a terminal: each refresh becomes a line of its own."""
 
+  def write(self, text):
+    text = text.replace('\r', '').strip()
+    if text:
+      sys.stderr.write(text + '\n')
+
+  def flush(self):
+    sys.stderr.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+  """tqdm's bar on a terminal. In a log file (SLURM, CI, `2> log`) a bar is one endless line of
+  carriage returns; there it is a plain line at most every LOG_EVERY_SECONDS instead."""
+  from tqdm import tqdm
+  if not _interactive():
+    kwargs.update(file=_LogLines(), mininterval=LOG_EVERY_SECONDS, dynamic_ncols=False,
+                  bar_format='{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, '
+                             '{remaining} left, {rate_fmt}{postfix}')
+  return tqdm(iterable, **kwargs)
+
+
+class _Progress:
   def __init__(self, total, initial, enabled):
-    from tqdm import tqdm
-    self.log_lines = enabled and not _interactive()
-    self.bar = tqdm(total=total, initial=initial, unit='step', disable=not enabled or self.log_lines,
-                    smoothing=0.05, dynamic_ncols=True, desc='train')
-    self.total, self.step = total, initial
-    self.start = self.last_line = time.time()
-    self.images = 0
+    self.bar = progress_bar(total=total, initial=initial, unit='step', disable=not enabled, smoothing=0.05,
+                            dynamic_ncols=True, desc='train')
+    self.start, self.images = time.time(), 0
 
   def update(self, steps, loss, images):
     self.images += images
-    self.step += steps
-    now = time.time()
-    rate = self.images / max(now - self.start, 1e-9)
+    rate = self.images / max(time.time() - self.start, 1e-9)
     self.bar.set_postfix(loss=f'{loss:.5f}', img_s=f'{rate:.1f}', refresh=False)
     self.bar.update(steps)
-    if self.log_lines and now - self.last_line >= LOG_EVERY_SECONDS:
-      self.last_line = now
-      print(f'train: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%), '
-            f'{rate:.1f} img/s, loss {loss:.5f}', file=sys.stderr, flush=True)
 
   def close(self):
     self.bar.close()

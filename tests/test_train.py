@@ -4,7 +4,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -319,17 +318,21 @@ def test_polyphase_dec3_trains_like_the_plain_layer(cache_dir, tmp_path):
   _assert_trained_alike(*runs, (tmp_path / 'false', tmp_path / 'true'), ROUNDING_LR)
 
 
-def test_progress_in_a_log_file_is_a_plain_line_a_minute(monkeypatch, capsys):
-  clock = types.SimpleNamespace(time=lambda: now)
-  monkeypatch.setattr(reporting, 'time', clock)
-  now = 1000.0
-  bar = reporting.Reporter('/nonexistent', enabled=False).progress(total=100, initial=10, enabled=True)
-  assert bar.log_lines is False  # process 0 only: a disabled reporter says nothing
-  bar = reporting._Progress(total=100, initial=10, enabled=True)  # stderr is captured: not a terminal
-  for step_seconds in (30, 29, 2, 50, 15):
-    now += step_seconds
-    bar.update(5, loss=0.5, images=40)
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
+  monkeypatch.setattr(reporting, 'LOG_EVERY_SECONDS', 0)  # a line for every update (60 s in use)
+  for _ in reporting.progress_bar(range(3), desc='colorize', unit='img'):  # stderr is captured: not a terminal
+    pass
+  bar = reporting._Progress(total=8, initial=4, enabled=True)
+  bar.update(2, loss=0.25, images=16)
   bar.close()
-  lines = capsys.readouterr().err.split('\n')
-  assert lines == ['train: step 25/100 (25%), 2.0 img/s, loss 0.50000',  # at 61 s: 120 images
-                   'train: step 35/100 (35%), 1.6 img/s, loss 0.50000', '']  # at 126 s; no bar, no \r
+  err = capsys.readouterr().err
+  assert '\r' not in err and '|' not in err  # no carriage returns, no bar glyphs
+  lines = err.splitlines()
+  assert [line.split(' (')[0] for line in lines] == [  # each update, then the final state when the bar closes
+      'colorize: 0/3 img', 'colorize: 1/3 img', 'colorize: 2/3 img', 'colorize: 3/3 img', 'colorize: 3/3 img',
+      'train: 4/8 step', 'train: 6/8 step', 'train: 6/8 step']
+  assert lines[-1].endswith('loss=0.25000')
+  monkeypatch.setattr(reporting, '_interactive', lambda: True)  # a terminal: tqdm's own bar
+  for _ in reporting.progress_bar(range(3), desc='colorize'):
+    pass
+  assert '|' in capsys.readouterr().err
