@@ -175,7 +175,6 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)]).
 
   `inception_weights` overrides the features' recorded weights (None: use the record)."""
-
   items = expand_inputs(inputs)
   if not items:
     raise UserError('no input images given')

@@ -73,11 +73,7 @@ def split_rows(cache, config, split):
 def evaluate(workdir, config, which='best', split='val', batch_size=None, samples=0):
   """(metrics dict, sample grid or None) for a checkpoint of `workdir` on `config`'s cache."""
   cache = features_cache.open_cache(config.data.cache_dir)
-  if cache.image_size != config.data.image_size:  # a choice here, not a stale cache: say how to make it
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
-                    f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
-                    f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)')
-  features_cache.check_matches_config(cache, config)
+  features_cache.check_matches_config(cache, config, size_is_a_choice=True)
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)

@@ -186,9 +186,16 @@ def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_featur
   return Cache(cache_dir, manifest, images, embeddings)
 
 
-def check_matches_config(cache, config, hint='python -m colorflax.precompute_features --config CONFIG'):
-  """A cache built for another image size or feature kind than `config` asks for: one clear line."""
+def check_matches_config(cache, config, hint='python -m colorflax.precompute_features --config CONFIG',
+                         size_is_a_choice=False):
+  """A cache built for another image size or feature kind than `config` asks for: one clear line.
+  `size_is_a_choice` (evaluation: the model is convolutional): name the override that uses the
+  cache's size, rather than ask for a rebuild."""
   want_dim = EMBEDDING_DIMS[config.features.kind]
+  if cache.image_size != config.data.image_size and size_is_a_choice:
+    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
+                    f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
+                    f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)')
   if cache.image_size != config.data.image_size:
     raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
                     f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
