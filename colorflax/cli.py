@@ -40,11 +40,15 @@ _WORKDIR_CONFIG_HELP = ("Not read: the workdir's recorded config (DIR/config.jso
                         '--config.FIELD=VALUE overrides one of its fields, e.g. --config.data.cache_dir=DIR.')
 
 
+_WORKDIR_CONFIG_MODULES = set()  # entry points whose --help shows _WORKDIR_CONFIG_HELP
+
+
 def define_config_flag(default=None, for_workdir=False):
   """`--config FILE` with `--config.a.b=value` overrides. `for_workdir`: the entry point reads a
   workdir's recorded config and takes only the overrides from the command line."""
-  return _define('config', config_flags.DEFINE_config_file, default,
-                 _WORKDIR_CONFIG_HELP if for_workdir else _CONFIG_HELP, lock_config=True)
+  if for_workdir:
+    _WORKDIR_CONFIG_MODULES.add(sys._getframe(1).f_globals.get('__name__'))
+  return _define('config', config_flags.DEFINE_config_file, default, _CONFIG_HELP, lock_config=True)
 
 
 def define_string(name, default, help_text):
@@ -161,8 +165,8 @@ def help_text(module='__main__') -> str:
   lines = [doc, '', 'flags:'] if doc else ['flags:']
   for name in _MODULE_FLAGS.get(module, []):
     flag = flags.FLAGS[name]
-    if flag.help == _WORKDIR_CONFIG_HELP:  # its default path is never read: do not show it
-      lines.append(f'  --{name}: {flag.help}')
+    if name == 'config' and module in _WORKDIR_CONFIG_MODULES:  # its default path is never read
+      lines.append(f'  --{name}: {_WORKDIR_CONFIG_HELP}')
       continue
     default = (flag.default_as_str or '').strip("'")  # the config flag's default is its path
     lines.append(f"  --{name}: {flag.help} [default: {default if default not in ('', 'None') else 'none'}]")
