@@ -3,15 +3,22 @@
 # torch, and colorflax's dependencies, scikit-image for the seed-style PyTorch epoch; installs
 # nothing from the network). Each measurement runs in its own process and records its peak
 # device memory; the epoch runs also time the seed-style PyTorch pipeline on the same images.
-#   bash launch/gpu_benchmark.sh [OUTDIR]      (default: benchmarks/gpu)
+#   bash launch/gpu_benchmark.sh [OUTDIR] [BENCHMARK FLAGS...]   (default OUTDIR: $OUT, else benchmarks/gpu)
 #   DRY_RUN=1 bash launch/gpu_benchmark.sh     # print the benchmark commands only
+# Flags given after OUTDIR are appended to every command, where they win over the script's own:
+# e.g. `--config.data.image_size=128` on a smaller GPU, or a rehearsal on any machine, which
+# runs the same code paths in about 3 minutes on a 2-core CPU:
+#   bash launch/gpu_benchmark.sh /tmp/rehearsal --config.data.image_size=32 --repeats=1 \
+#     --epoch_images=192 --seed_epoch_images=16
 # Writes one JSON per setting and prints a table of each; see BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-benchmarks/gpu}}
+out=${OUT:-benchmarks/gpu}
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then out=$1; shift; fi
+extra=("$@")
 bench() {
   name=$1; shift
-  local cmd=(python3 -m colorflax.benchmark --config configs/default.py --json "$out/$name.json" "$@")
+  local cmd=(python3 -m colorflax.benchmark --config configs/default.py --json "$out/$name.json" "$@" ${extra[@]+"${extra[@]}"})
   if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; return; fi
   echo "== $name"; local t=$SECONDS
   "${cmd[@]}" 2>&1 | grep -v -e '^WARNING' -e 'Given directory' || echo "!! $name failed"

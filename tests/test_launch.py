@@ -93,3 +93,12 @@ def test_gpu_benchmark_commands_parse():
   assert all(p.returncode == 0 for p in parsed), [p.stderr[-500:] for p in parsed]
   assert [p.stdout.split() for p in parsed] == [['float32', '8', '7000', '1600'], ['bfloat16', '8', '7000', '1600'],
                                                 ['bfloat16', '128', '0', '0']]
+  # Flags after OUTDIR reach every command after the script's own, so they win (a rehearsal at a
+  # small size, or a smaller GPU); without OUTDIR they are still flags, and $OUT names the folder.
+  r = _dry('gpu_benchmark.sh', '--config.batch_size=16', '--epoch_images=96', OUT='/tmp/rehearsal')
+  assert r.returncode == 0, r.stderr
+  commands = [line.split() for line in r.stdout.strip().splitlines()]
+  assert all(c[-2:] == ['--config.batch_size=16', '--epoch_images=96'] for c in commands)
+  assert [c[6] for c in commands] == [f'/tmp/rehearsal/{n}.json' for n in ('seed_f32_b8', 'seed_bf16_b8', 'bf16_b128')]
+  parsed = subprocess.run([sys.executable, '-c', check, *commands[2][3:]], capture_output=True, text=True, cwd=REPO)
+  assert parsed.stdout.split() == ['bfloat16', '16', '96', '0'], parsed.stderr[-500:]
