@@ -388,7 +388,22 @@ def step_rounds(config, repeats, with_torch, rounds):
   return out
 
 
+def check_epoch_images(config, epoch_images):
+  """Up front, before any measurement: the seed-style epoch warms up on its first batch and times
+  the rest, so its training split needs at least two batches."""
+  from colorflax import device_pipeline
+  split = lambda n: len(device_pipeline.split_indices(n, config.data.val_fraction, config.seed)[0])
+  if split(epoch_images) >= 2 * config.batch_size:
+    return
+  enough = next(n for n in range(max(epoch_images, 2), 10 ** 7) if split(n) >= 2 * config.batch_size)
+  raise UserError(f'--epoch_images={epoch_images} leaves {split(epoch_images)} training images, fewer than 2 '
+                  f'batches of {config.batch_size}: the seed-style epoch warms up on its first batch and times '
+                  f'the rest; use --epoch_images={enough} or more (or --notorch)')
+
+
 def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1):
+  if epoch_images and with_torch:
+    check_epoch_images(config, epoch_images)
   results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
              'steps_per_dispatch': config.steps_per_dispatch}
   results.update(step_rounds(config, repeats, with_torch, rounds))

@@ -9,7 +9,7 @@
 # e.g. `--config.data.image_size=128` on a smaller GPU, or a rehearsal on any machine, which
 # runs the same code paths in about 3 minutes on a 2-core CPU:
 #   bash launch/gpu_benchmark.sh /tmp/rehearsal --config.data.image_size=32 --repeats=1 \
-#     --epoch_images=192 --seed_epoch_images=16
+#     --epoch_images=352 --seed_epoch_images=16
 # Writes one JSON per setting and prints a table of each; see BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from colorflax import benchmark
+from colorflax.errors import UserError
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,19 @@ def test_seed_pipeline_runs_in_the_configs_dtype_and_stops_at_its_cap(tmp_path, 
   assert r['seed_pipeline_epoch_images'] == 12 and r['seed_pipeline_epoch_images_per_sec'] > 0
 
 
+def test_too_few_epoch_images_for_the_seed_style_epoch_is_refused_up_front(monkeypatch):
+  # With one batch, the seed-style epoch would spend it on its warm-up and time nothing.
+  monkeypatch.setattr(benchmark, 'step_rounds', lambda *args: pytest.fail('measured before the check'))
+  config = default.get_config()
+  config.batch_size = 128
+  with pytest.raises(UserError, match=r'--epoch_images=192 leaves 144 training images, fewer than 2 batches of 128.*'
+                                      r'--epoch_images=341 or more'):
+    benchmark.run(config, epoch_images=192)
+  benchmark.check_epoch_images(config, 341)  # 256 training images: two batches
+  with pytest.raises(UserError, match='--epoch_images=340 leaves 255'):
+    benchmark.check_epoch_images(config, 340)
+
+
 def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
   """On a GPU, JAX started in the parent would hold the memory the epoch's child processes need:
   every JAX measurement before them runs in a child (here faked, to see only the parent)."""
@@ -76,7 +90,7 @@ def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
       'benchmark._isolated = lambda name, *args: fake[name]',
       'seen = []',
       'benchmark.epochs = lambda *args: seen.append(xla_bridge.backends_are_initialized()) or {}',
-      'r = benchmark.run(default.get_config(), epoch_images=8)',
+      'r = benchmark.run(default.get_config(), epoch_images=24)',
       "print(seen, r['peak_flops'])"])
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
