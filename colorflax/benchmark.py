@@ -6,6 +6,7 @@ Timings are medians of several repeats after compilation/warm-up, with device sy
 """
 
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import os
@@ -392,10 +393,10 @@ def check_epoch_images(config, epoch_images):
   """Up front, before any measurement: the seed-style epoch warms up on its first batch and times
   the rest, so its training split needs at least two batches."""
   from colorflax import device_pipeline
-  split = lambda n: len(device_pipeline.split_indices(n, config.data.val_fraction, config.seed)[0])
+  split = lambda n: len(device_pipeline.split_indices(n, config.data.val_fraction, config.seed)[0]) if n > 1 else 0
   if split(epoch_images) >= 2 * config.batch_size:
     return
-  enough = next(n for n in range(max(epoch_images, 2), 10 ** 7) if split(n) >= 2 * config.batch_size)
+  enough = next(n for n in itertools.count(epoch_images) if split(n) >= 2 * config.batch_size)
   raise UserError(f'--epoch_images={epoch_images} leaves {split(epoch_images)} training images, fewer than 2 '
                   f'batches of {config.batch_size}: the seed-style epoch warms up on its first batch and times '
                   f'the rest; use --epoch_images={enough} or more (or --notorch)')

@@ -192,11 +192,11 @@ def check_matches_config(cache, config, hint='python -m colorflax.precompute_fea
   `size_is_a_choice` (evaluation: the model is convolutional): name the override that uses the
   cache's size, rather than ask for a rebuild."""
   want_dim = EMBEDDING_DIMS[config.features.kind]
-  if cache.image_size != config.data.image_size and size_is_a_choice:
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
-                    f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
-                    f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)')
   if cache.image_size != config.data.image_size:
+    if size_is_a_choice:
+      raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
+                      f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
+                      f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)')
     raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
                     f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
   if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
