@@ -6,10 +6,13 @@ Timings are medians of several repeats after compilation/warm-up, with device sy
 """
 
 import concurrent.futures
+import datetime
+import importlib.metadata
 import itertools
 import json
 import multiprocessing
 import os
+import platform
 import resource
 import statistics
 import tempfile
@@ -33,6 +36,31 @@ _ROUNDS = cli.define_integer(
 _SEED_EPOCH_IMAGES = cli.define_integer(
     'seed_epoch_images', 0, 'Images the seed-style PyTorch epoch times, at most (0 = its whole epoch); its host '
     'pipeline is slow (~90 img/s at 256 px), so a part of the epoch gives its rate sooner.')
+
+
+def machine():
+  """Which machine and software the figures came from: the same command gives different numbers
+  on another CPU model or library release, and a session's machine is not always the last one's."""
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision'):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return {'date': datetime.date.today().isoformat(), 'host_cpu': _cpu_model(), 'host_cpus': cpus,
+          'versions': versions}
+
+
+def _cpu_model():
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def _median_time(fn, repeats):
@@ -405,8 +433,8 @@ def check_epoch_images(config, epoch_images):
 def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1):
   if epoch_images and with_torch:
     check_epoch_images(config, epoch_images)
-  results = {'image_size': config.data.image_size, 'dtype': config.model.dtype, 'model_width': config.model.width,
-             'steps_per_dispatch': config.steps_per_dispatch}
+  results = {**machine(), 'image_size': config.data.image_size, 'dtype': config.model.dtype,
+             'model_width': config.model.width, 'steps_per_dispatch': config.steps_per_dispatch}
   results.update(step_rounds(config, repeats, with_torch, rounds))
   # Each in a child, outside the step measurements' memory; and on a GPU, JAX in this process
   # would hold the memory the epoch runs need.
@@ -443,8 +471,17 @@ def _peak_sources(r):
   return f" (XLA {r['jax_matmul_peak_flops'] / 1e12:.2f}, PyTorch {r['torch_matmul_peak_flops'] / 1e12:.2f})"
 
 
+def _machine_line(r):
+  """['  on AMD EPYC (2 CPUs), jax 0.10.2, torch 2.14.1, 2026-11-28'], or [] for results without it."""
+  if 'host_cpu' not in r:
+    return []
+  libs = ''.join(f", {name} {r['versions'][name]}" for name in ('jax', 'torch') if name in r['versions'])
+  return [f"  on {r['host_cpu']} ({r['host_cpus']} CPUs){libs}, {r['date']}"]
+
+
 def format_table(r):
   lines = [f"{r['device']}, {r['image_size']} px, global batch {r['batch_size']}, {r['dtype']}, width {r['model_width']}",
+           *_machine_line(r),
            f"  colorflax step   {r['jax_step_images_per_sec']:10.1f} img/s  ({r['jax_step_seconds'] * 1e3:.2f} ms/step)"
            + _memory(r, 'jax_step')]
   if 'torch_step_images_per_sec' in r:

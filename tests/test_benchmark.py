@@ -117,3 +117,24 @@ def test_step_rounds_alternate_and_report_each_sides_median_round(monkeypatch):
   assert 'rounds 0.83-1.09' in benchmark.format_table({
       **r, 'device': 'cpu', 'image_size': 32, 'dtype': 'float32', 'model_width': 1.0, 'batch_size': 8,
       'jax_step_seconds': 1.0, 'flops_per_image': 1.0, 'achieved_flops': 1.0, 'peak_flops': 2.0, 'mfu': 0.5})
+
+
+def test_results_name_the_machine_and_library_releases_they_came_from():
+  import datetime
+
+  import jax
+  import torch
+
+  m = benchmark.machine()
+  release = lambda module: module.__version__.split('+')[0]  # the installed distribution's, without a local tag (+cu130)
+  assert m['versions']['jax'] == release(jax) and m['versions']['torch'] == release(torch)
+  assert m['host_cpus'] == len(os.sched_getaffinity(0))
+  assert m['date'] == datetime.date.today().isoformat()
+  with open('/proc/cpuinfo') as f:  # Linux, as CI: the CPU's own model name
+    assert f'model name\t: {m["host_cpu"]}\n' in f.read()
+  table = benchmark.format_table({
+      **m, 'device': '1x cpu', 'image_size': 32, 'dtype': 'float32', 'model_width': 1.0, 'batch_size': 8,
+      'jax_step_images_per_sec': 1.0, 'jax_step_seconds': 8.0, 'flops_per_image': 1.0, 'achieved_flops': 1.0,
+      'peak_flops': 2.0, 'mfu': 0.5})
+  assert table.splitlines()[1] == (f"  on {m['host_cpu']} ({m['host_cpus']} CPUs), jax {release(jax)}, "
+                                   f"torch {release(torch)}, {m['date']}")
