@@ -16,10 +16,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu}
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then out=$1; shift; fi
 extra=("$@")
+# DRY_RUN prints each command as shell words, so an argument with a space reads back as one.
+echo_quoted() { local s; printf -v s '%q ' "$@"; echo "${s% }"; }
 bench() {
   name=$1; shift
   local cmd=(python3 -m colorflax.benchmark --config configs/default.py --json "$out/$name.json" "$@" ${extra[@]+"${extra[@]}"})
-  if [ -n "${DRY_RUN:-}" ]; then echo "${cmd[*]}"; return; fi
+  if [ -n "${DRY_RUN:-}" ]; then echo_quoted "${cmd[@]}"; return; fi
   echo "== $name"; local t=$SECONDS
   "${cmd[@]}" 2>&1 | grep -v -e '^WARNING' -e 'Given directory' || echo "!! $name failed"
   echo "   ($((SECONDS - t)) s)"

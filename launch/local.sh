@@ -15,7 +15,9 @@ if [ $# -lt 2 ]; then
 fi
 config=$1 workdir=$2
 shift 2
-run() { if [ -n "${DRY_RUN:-}" ]; then echo "$*"; else "$@"; fi; }
+# DRY_RUN prints each command as shell words, so an argument with a space reads back as one.
+echo_quoted() { local s; printf -v s '%q ' "$@"; echo "${s% }"; }
+run() { if [ -n "${DRY_RUN:-}" ]; then echo_quoted "$@"; else "$@"; fi; }
 run python -m colorflax.precompute_features --config "$config" "$@"
 run python -m colorflax.train --config "$config" --workdir "$workdir" "$@"
 run python -m colorflax.evaluate --workdir "$workdir" --samples 8 --json "$workdir/eval.json" "$@"

@@ -1,5 +1,6 @@
 import glob
 import os
+import shlex
 import subprocess
 import sys
 
@@ -17,6 +18,25 @@ def test_launch_scripts_parse(script):
 def _dry(script, *args, **env):
   return subprocess.run(['bash', os.path.join(REPO, 'launch', script), *args], capture_output=True, text=True,
                         env={**os.environ, 'DRY_RUN': '1', **env}, cwd=REPO)
+
+
+@pytest.mark.parametrize('script, args, env', [
+    ('local.sh', ('my configs/default.py', 'work dirs/run'), {}),
+    ('precompute_sharded.slurm', ('my configs/default.py',), {'SLURM_ARRAY_TASK_ID': '0', 'SLURM_ARRAY_TASK_COUNT': '2'}),
+    ('train_multinode.slurm', ('my configs/default.py', 'work dirs/run'), {'SLURM_JOB_ID': '7'}),
+    ('gpu_benchmark.sh', ('/tmp/gpu out',), {}),
+], ids=['local.sh', 'precompute_sharded.slurm', 'train_multinode.slurm', 'gpu_benchmark.sh'])
+def test_dry_run_prints_commands_that_read_back_as_the_same_words(script, args, env):
+  """What DRY_RUN prints is what a user copies: an argument with a space must stay one word."""
+  override = '--config.data.source=/data/my photos'
+  r = _dry(script, *args, override, **env)
+  assert r.returncode == 0, r.stderr
+  for line in r.stdout.strip().splitlines():
+    words = shlex.split(line)
+    assert words[-1] == override, line
+    # The positional arguments with spaces reach the command whole (OUTDIR as a path's folder).
+    whole = [arg for arg in args if any(w == arg or w.startswith(arg + '/') for w in words)]
+    assert whole, line
 
 
 def test_local_dry_run_passes_overrides_to_every_step():
