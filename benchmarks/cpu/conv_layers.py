@@ -8,14 +8,14 @@ median of 7 after a warm-up; BENCHMARKS.md quotes it:
 """
 
 import os
-import statistics
 import sys
-import time
 
 import colorflax  # noqa: F401  (its XLA flags, before JAX starts)
 import jax
 import jax.numpy as jnp
 import torch
+
+from colorflax import benchmark
 
 LAYERS = [  # name, input channels, output channels, kernel, resolution divisor
     ('enc1', 1, 128, 3, 1), ('enc2_1', 128, 128, 5, 2), ('enc2_3', 128, 128, 3, 2), ('enc3_1', 128, 256, 5, 4),
@@ -25,13 +25,8 @@ LAYERS = [  # name, input channels, output channels, kernel, resolution divisor
 
 
 def median_seconds(fn, repeats=7):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  fn()  # compilation / warm-up
+  return benchmark._median_time(fn, repeats)
 
 
 def main(size=128, batch=8):
