@@ -78,7 +78,9 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
   rows = split_rows(cache, config, split)
-  batch = batch_size or max(config.eval_batch_size, config.batch_size)
+  # As training's validation: eval_batch_size, else the training batch; rounded up to split
+  # evenly over this machine's devices, which need not be the training run's.
+  batch = batch_size or config.eval_batch_size or config.batch_size
   batch = -(-batch // len(devices)) * len(devices)
   fn = per_image_metrics(model)
   sharded = NamedSharding(mesh, P('data'))

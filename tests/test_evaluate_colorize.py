@@ -127,6 +127,26 @@ def test_evaluate_at_another_image_size(trained, tmp_path):
   assert summary['num_images'] == 12 and np.isfinite([summary['psnr'], summary['ssim'], summary['auc']]).all()
 
 
+def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
+  root, config = trained
+  shapes = []
+  per_image_metrics = evaluate.per_image_metrics
+
+  def recording(model):
+    fn = per_image_metrics(model)
+    return lambda variables, images, embeddings: (shapes.append(images.shape[0]), fn(variables, images, embeddings))[1]
+
+  monkeypatch.setattr(evaluate, 'per_image_metrics', recording)
+  results = {}
+  for eval_batch in (0, 4, 6):  # 0: the training batch (8); 6 is rounded up to split over the 4 devices
+    shapes.clear()
+    results[eval_batch], _ = evaluate.evaluate(str(root / 'run'), small_config(
+        config.data.cache_dir, num_epochs=3, eval_batch_size=eval_batch), 'best', 'val')
+    assert shapes == {0: [8, 8], 4: [4, 4, 4], 6: [8, 8]}[eval_batch]  # 12 validation images
+  for key in ('mse', 'psnr', 'ssim', 'auc', 'colorfulness'):
+    assert results[4][key] == pytest.approx(results[0][key], rel=1e-5)
+
+
 # orbax's other reads of the damaged arrays fail too, after the first error, in the background
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_damaged_checkpoint_and_config_are_one_line_errors(trained, tmp_path):
