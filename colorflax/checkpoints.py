@@ -65,8 +65,9 @@ def resolve_step(mngr, which='latest') -> int:
     raise UserError(f'no complete checkpoint in {mngr.directory}')
   if which == 'latest':
     return mngr.latest_step()
-  if which == 'best':
-    return mngr.best_step()
+  if which == 'best':  # imported weights (convert_torch) have no validation loss: the latest
+    best = mngr.best_step()
+    return mngr.latest_step() if best is None else best
   try:
     step = int(which)
   except (TypeError, ValueError):

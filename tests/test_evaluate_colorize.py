@@ -313,7 +313,7 @@ def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
   assert np.array_equal(np.asarray(Image.open(png_in / 'a.png')), synthetic.landscape(1, 48))
 
 
-def test_colorize_a_convert_torch_checkpoint(tmp_path):
+def test_colorize_and_evaluate_a_convert_torch_checkpoint(trained, tmp_path):
   from colorflax import inception
   from colorflax.reference import EncDec
   torch.manual_seed(0)
@@ -332,3 +332,10 @@ def test_colorize_a_convert_torch_checkpoint(tmp_path):
                      cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-2000:]
   _assert_colorized(inputs, tmp_path / 'out')
+  # evaluate's default checkpoint, 'best', is the imported one: it has no validation loss to rank by.
+  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={tmp_path}/seed',
+                      f'--config.data.cache_dir={trained[1].data.cache_dir}', '--config.data.image_size=32',
+                      f'--json={tmp_path}/m.json'], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.loads((tmp_path / 'm.json').read_text())
+  assert summary['checkpoint_step'] == 0 and summary['num_images'] == 12 and np.isfinite(summary['psnr'])
