@@ -130,6 +130,14 @@ def read_config(workdir):
       raise UserError(f'{path} is not valid JSON ({e})') from None
 
 
+def holds_weights_only(workdir) -> bool:
+  """Whether `workdir`'s newest checkpoint has weights but no training state to resume
+  (convert_torch writes such a one)."""
+  directory = checkpoint_dir(workdir)
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return bool(steps) and not os.path.isdir(os.path.join(directory, str(max(steps)), 'train'))
+
+
 def train_item(state) -> dict:
   """The part of a TrainState that only resuming needs."""
   return {'step': state.step, 'opt_state': state.opt_state, 'plateau': state.plateau}

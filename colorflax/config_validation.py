@@ -89,6 +89,9 @@ def validate(config):
   _require(config, 'num_processes', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'process_id', lambda v: _is_int(v) and v >= -1, 'an integer >= -1')
   _require(config, 'step_loop', lambda v: v in ('auto', 'device', 'host'), "'auto', 'device' or 'host'")
+  _require(config, 'init_from', lambda v: isinstance(v, str), "a workdir path, or '' for none")
+  _require(config, 'init_checkpoint', lambda v: isinstance(v, str) and (v in ('best', 'latest') or v.isdigit()),
+           "'best', 'latest' or a step number")
   _require(config, 'checkpoint_every_steps', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
   _require(config, 'keep_checkpoints', positive_int, 'a positive integer')
   _require(config, 'samples_every_epochs', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')

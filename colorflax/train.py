@@ -217,6 +217,23 @@ def check_resume_compatible(workdir, config):
                       f'resume with the same value or use a new --workdir')
 
 
+def init_from_checkpoint(config, state):
+  """(state with the parameters and BatchNorm statistics of config.init_from's checkpoint, its
+  step). The optimizer and plateau states stay fresh: Adam's moments and the plateau's count
+  start from zero whatever the weights. Restored onto `state`'s shardings."""
+  source = config.init_from
+  source_config = checkpoints.read_config(source)
+  for key in ('model.width', 'features.kind'):  # what the parameters' shapes and meaning hang on
+    theirs, ours = config_validation.get_field(source_config, key), config_validation.get_field(config, key)
+    if theirs != ours:
+      raise UserError(f'config.init_from: {source} has {key}={theirs!r}, this config {ours!r}; '
+                      f'set {key}={theirs!r} to start from its weights')
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                  state.variables())
+  variables, _, step = checkpoints.restore_model(source, config.init_checkpoint, target)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), step
+
+
 def initialize_distributed(config):
   """jax.distributed.initialize() once, when the config asks for several processes."""
   if not config.distributed or jax.distributed.is_initialized():
@@ -246,6 +263,9 @@ def train_and_evaluate(config, workdir, progress=True):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
   features_cache.check_matches_config(cache, config, precompute_command())
+  if checkpoints.holds_weights_only(workdir):
+    raise UserError(f'{workdir} holds imported weights (convert_torch), not a training run to resume: '
+                    f'to train from them, use a new --workdir with --config.init_from={workdir}')
   check_resume_compatible(workdir, config)
 
   devices = jax.devices()
@@ -283,6 +303,9 @@ def train_and_evaluate(config, workdir, progress=True):
     wanted = streaming.IteratorState() if mode == 'streaming' else None
     state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
     log(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
+  elif config.get('init_from'):
+    state, init_step = init_from_checkpoint(config, state)
+    log(f'starting from the weights of {config.init_from} (checkpoint step {init_step})')
   start_step = int(state.step)
   if start_step >= total_steps:  # e.g. the same command run twice: no data to load, nothing to compile
     mngr.close()

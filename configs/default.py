@@ -74,6 +74,12 @@ def get_config():
   config.plateau.cooldown = 0
   config.plateau.min_scale = 0.0
 
+  # Fine-tuning: a new run starts from the weights (parameters and BatchNorm statistics) of
+  # another workdir's checkpoint, a training run's or an imported prototype's (convert_torch),
+  # with a fresh optimizer at step 0. Same model width and feature kind; any image size, data or
+  # recipe. Once this run has a checkpoint of its own, resuming from it wins.
+  config.init_from = ''  # a workdir; '' = random initialisation
+  config.init_checkpoint = 'best'  # which of its checkpoints: 'best', 'latest' or a step number
   config.checkpoint_every_steps = 0  # also checkpoint mid-epoch every N steps (0 = epochs only)
   config.keep_checkpoints = 3  # the latest K are kept, and the best by validation loss
   config.samples_every_epochs = 5  # write DIR/samples/epoch_XXXX.png (and after the last epoch)

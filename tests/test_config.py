@@ -31,6 +31,7 @@ def test_default_is_the_seed_recipe():
     ('model.dtype', 'float16', 'bfloat16'),
     ('features.inception_weights', '/nope/inception.pth', 'no such weights file'),
     ('plateau.factor', 1.5, 'in (0, 1)'),
+    ('init_checkpoint', 'newest', "'best', 'latest' or a step number"),
 ])
 def test_invalid_values_name_the_key(key, value, fragment):
   c = default.get_config()

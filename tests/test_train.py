@@ -267,6 +267,80 @@ def test_incompatible_resume_and_bad_cache_are_clear_errors(cache_dir, tmp_path)
     train.train_and_evaluate(small_config(cache_dir, **{'features.kind': 'pool'}), str(tmp_path / 'z'), progress=False)
 
 
+def _fresh_state(config):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from colorflax import model as model_lib
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  tx, plateau = train.make_optimizer(config)
+  return train.create_state(config, model_lib.model_from_config(config), tx, plateau, config.data.image_size,
+                            NamedSharding(mesh, P()))
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(cache_dir, tmp_path, monkeypatch):
+  source = tmp_path / 'source'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=2), str(source), progress=False)
+  best, _, best_step = checkpoints.restore_model(source, 'best')
+  config = small_config(cache_dir, num_epochs=1, init_from=str(source))
+  fresh = _fresh_state(config)
+  state, step = train.init_from_checkpoint(config, fresh)
+  assert step == best_step
+  for got, want, random in zip(_leaves(state.variables()), _leaves(best), _leaves(fresh.variables())):
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == random.shape
+  assert not all(np.array_equal(a, b) for a, b in zip(_leaves(state.params), _leaves(fresh.params)))
+  for got, want in zip(_leaves((state.step, state.opt_state, state.plateau)),
+                       _leaves((fresh.step, fresh.opt_state, fresh.plateau))):
+    np.testing.assert_array_equal(got, want)  # a fresh optimizer at step 0
+  per_epoch = json.loads((source / 'metrics.jsonl').read_text().splitlines()[0])['step']
+  for which, expected in (('latest', 2 * per_epoch), (str(per_epoch), per_epoch)):
+    assert train.init_from_checkpoint(small_config(cache_dir, init_from=str(source), init_checkpoint=which),
+                                      fresh)[1] == expected
+
+  # The whole run: it starts at step 0 from those weights; once it has checkpoints, resuming wins.
+  starts = []
+  init_from_checkpoint = train.init_from_checkpoint
+  monkeypatch.setattr(train, 'init_from_checkpoint', lambda *a: starts.append(init_from_checkpoint(*a)) or starts[-1])
+  work = tmp_path / 'finetune'
+  train.train_and_evaluate(config, str(work), progress=False)
+  assert [step for _, step in starts] == [best_step]
+  first = json.loads((work / 'metrics.jsonl').read_text().splitlines()[0])
+  assert first['epoch'] == 1 and first['step'] == per_epoch
+  gone = small_config(cache_dir, num_epochs=2, init_from=str(tmp_path / 'moved_away'))
+  state, last = train.train_and_evaluate(gone, str(work), progress=False)
+  assert last['epoch'] == 2 and int(state.step) == 2 * per_epoch and len(starts) == 1
+
+  with pytest.raises(UserError, match=r'has model.width=0.125, this config 0.25; set model.width=0.125'):
+    train.train_and_evaluate(small_config(cache_dir, init_from=str(source), **{'model.width': 0.25}),
+                             str(tmp_path / 'w'), progress=False)
+  with pytest.raises(UserError, match='has no config.json'):
+    train.train_and_evaluate(small_config(cache_dir, init_from=str(tmp_path / 'nowhere')), str(tmp_path / 'n'),
+                             progress=False)
+
+
+def test_init_from_an_imported_prototype_checkpoint(cache_dir, tmp_path):
+  from colorflax import convert, convert_torch
+  from colorflax.reference import EncDec
+  torch.manual_seed(0)
+  torch.save(EncDec().state_dict(), tmp_path / 'seed.pth')
+  imported = tmp_path / 'imported'
+  convert_torch.convert(tmp_path / 'seed.pth', str(imported))
+  config = small_config(cache_dir, num_epochs=1, **{'model.width': 1.0})
+  # Its workdir has weights but no training state: training there says how to start from it.
+  with pytest.raises(UserError, match=f'holds imported weights.*--config.init_from={imported}'):
+    train.train_and_evaluate(config, str(imported), progress=False)
+  config.init_from = str(imported)
+  state, step = train.init_from_checkpoint(config, _fresh_state(config))
+  _, expected = convert.load_torch_checkpoint(tmp_path / 'seed.pth')
+  assert step == 0
+  for got, want in zip(_leaves(state.variables()), _leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize('cooldown', [0, 2])
 def test_plateau_matches_torch_reduce_lr_on_plateau(cooldown):
   c = quickstart.get_config()
