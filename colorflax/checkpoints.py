@@ -21,6 +21,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from colorflax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+IMPORTED = 'convert_torch'  # meta['source'] of a checkpoint convert_torch wrote
 
 
 def checkpoint_dir(workdir) -> str:
@@ -131,11 +132,18 @@ def read_config(workdir):
 
 
 def holds_weights_only(workdir) -> bool:
-  """Whether `workdir`'s newest checkpoint has weights but no training state to resume
-  (convert_torch writes such a one)."""
+  """Whether `workdir`'s newest checkpoint is imported weights (convert_torch's), with no
+  training state to resume. Read from its files, before any manager is opened: a training
+  checkpoint that lost its state since is damaged instead, and reported as such on restore."""
   directory = checkpoint_dir(workdir)
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-  return bool(steps) and not os.path.isdir(os.path.join(directory, str(max(steps)), 'train'))
+  if not steps:
+    return False
+  try:  # the meta item as ocp.args.JsonSave writes it
+    with open(os.path.join(directory, str(max(steps)), 'meta', 'metadata')) as f:
+      return json.load(f).get('source') == IMPORTED
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def train_item(state) -> dict:

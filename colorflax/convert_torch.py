@@ -29,7 +29,7 @@ def convert(pth_path, workdir, overwrite=False):
   checkpoints.write_config(workdir, config)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, model=variables,
-                   meta={'epoch': 0, 'source': 'convert_torch', 'torch_checkpoint': os.path.abspath(pth_path)})
+                   meta={'epoch': 0, 'source': checkpoints.IMPORTED, 'torch_checkpoint': os.path.abspath(pth_path)})
   mngr.wait_until_finished()
   mngr.close()
   return 0
