@@ -132,18 +132,22 @@ def read_config(workdir):
 
 
 def holds_weights_only(workdir) -> bool:
-  """Whether `workdir`'s newest checkpoint is imported weights (convert_torch's), with no
-  training state to resume. Read from its files, before any manager is opened: a training
-  checkpoint that lost its state since is damaged instead, and reported as such on restore."""
-  directory = checkpoint_dir(workdir)
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-  if not steps:
+  """Whether `workdir`'s newest checkpoint is imported weights (convert_torch's meta says so),
+  with no training state to resume. A training checkpoint that lost its state since is damaged
+  instead: that is not decided here, restore_train reports it."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
     return False
-  try:  # the meta item as ocp.args.JsonSave writes it
-    with open(os.path.join(directory, str(max(steps)), 'meta', 'metadata')) as f:
-      return json.load(f).get('source') == IMPORTED
-  except (OSError, ValueError, AttributeError):
+  mngr = manager(workdir, read_only=True)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      return False
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return isinstance(meta, dict) and meta.get('source') == IMPORTED
+  except Exception:  # an unreadable meta: left for restore_train to report, with the step named
     return False
+  finally:
+    mngr.close()
 
 
 def train_item(state) -> dict:

@@ -228,9 +228,7 @@ def init_from_checkpoint(config, state):
     if theirs != ours:
       raise UserError(f'config.init_from: {source} has {key}={theirs!r}, this config {ours!r}; '
                       f'set {key}={theirs!r} to start from its weights')
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                  state.variables())
-  variables, _, step = checkpoints.restore_model(source, config.get('init_checkpoint', 'best'), target)
+  variables, _, step = checkpoints.restore_model(source, config.get('init_checkpoint', 'best'), state.variables())
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), step
 
 
