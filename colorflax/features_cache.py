@@ -17,6 +17,7 @@ import shutil
 
 import numpy as np
 
+from colorflax import sources
 from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
@@ -202,3 +203,23 @@ def check_matches_config(cache, config, hint='python -m colorflax.precompute_fea
   if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
     raise UserError(f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} features '
                     f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')
+
+
+def check_built_for(cache, config, hint='python -m colorflax.precompute_features --config CONFIG'):
+  """A cache of other images or features than `config` names (data.source, data.resize,
+  features.inception_weights): one clear line, rather than a run that trains on them silently.
+  Training asks this; evaluation does not (any cache may be evaluated). Fields a cache did not
+  record (hand-made caches) are not compared."""
+  settings = cache.manifest.get('settings') or {}
+  where = f'the cache at {config.data.cache_dir}'
+  recorded = cache.manifest.get('source')
+  if recorded is not None and 'seed' in settings:
+    wanted = sources.describe(config, settings['seed'])
+    if wanted != recorded:  # not --overwrite: that cache may have taken hours to build
+      raise UserError(f'{where} was built from {recorded}, but data.source names {wanted}: build a cache '
+                      f'for it ({hint}) in a data.cache_dir of its own, or make data.source name the cache\'s')
+  for key, name, value in (('resize', 'data.resize', config.data.resize),
+                           ('inception_weights', 'features.inception_weights', config.features.inception_weights)):
+    if key in settings and settings[key] != value:
+      raise UserError(f'{where} was built with {name}={settings[key]!r}, but this config has {value!r}; '
+                      f'rebuild it: {hint} --overwrite')

@@ -84,10 +84,21 @@ class SyntheticSource:
   def __init__(self, count, size, seed):
     self.count, self.size, self.seed = count, size, seed
     self.ids = [f'synthetic:{i}' for i in range(count)]
-    self.description = f'synthetic ({count} landscapes, seed {seed})'
+    self.description = self.describe(count, seed)
+
+  @staticmethod
+  def describe(count, seed):
+    return f'synthetic ({count} landscapes, seed {seed})'
 
   def item(self, i):
     return synthetic.landscape(i, self.size, self.seed)
+
+
+def _tfds_name_and_split(spec):
+  parts = spec.split(':')
+  if len(parts) not in (2, 3) or not parts[1]:
+    raise UserError(f"data.source: expected 'tfds:NAME' or 'tfds:NAME:SPLIT', got {spec!r}")
+  return parts[1], parts[2] if len(parts) == 3 and parts[2] else 'train'
 
 
 def from_config(config):
@@ -95,12 +106,22 @@ def from_config(config):
   if spec == 'synthetic':
     return SyntheticSource(config.data.synthetic_images, config.data.image_size, config.seed)
   if spec.startswith('tfds:'):
-    parts = spec.split(':')
-    if len(parts) not in (2, 3) or not parts[1]:
-      raise UserError(f"data.source: expected 'tfds:NAME' or 'tfds:NAME:SPLIT', got {spec!r}")
-    split = parts[2] if len(parts) == 3 and parts[2] else 'train'
-    return TfdsSource(parts[1], split, config.data.tfds_data_dir or None, config.data.tfds_image_key)
+    name, split = _tfds_name_and_split(spec)
+    return TfdsSource(name, split, config.data.tfds_data_dir or None, config.data.tfds_image_key)
   return FolderSource(spec)
+
+
+def describe(config, seed):
+  """The `description` that `from_config(config)` would give its source, without listing or
+  opening anything: training compares it with the one its cache recorded. `seed` stands for
+  config.seed, which only the synthetic source depends on (pass the cache's: a training run
+  may use another seed on the same images)."""
+  spec = config.data.source.strip()
+  if spec == 'synthetic':
+    return SyntheticSource.describe(config.data.synthetic_images, seed)
+  if spec.startswith('tfds:'):
+    return 'tfds:{}:{}'.format(*_tfds_name_and_split(spec))
+  return os.path.abspath(os.path.expanduser(spec))
 
 
 def prepare_item(source, i, size, resize, skip_grayscale, max_pixels):

@@ -261,6 +261,7 @@ def train_and_evaluate(config, workdir, progress=True):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = features_cache.open_cache(config.data.cache_dir, precompute_command())
   features_cache.check_matches_config(cache, config, precompute_command())
+  features_cache.check_built_for(cache, config, precompute_command())
   if checkpoints.holds_weights_only(workdir):
     raise UserError(f'{workdir} holds imported weights (convert_torch), not a training run to resume: '
                     f'to train from them, use a new --workdir with --config.init_from={workdir}')

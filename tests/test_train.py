@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from colorflax import checkpoints, precompute_features, reporting, train
+from colorflax import checkpoints, features_cache, precompute_features, reporting, train
 from colorflax.errors import UserError
 from configs import quickstart
 
@@ -265,6 +265,24 @@ def test_incompatible_resume_and_bad_cache_are_clear_errors(cache_dir, tmp_path)
     train.train_and_evaluate(small_config(cache_dir, **{'data.image_size': 64}), str(tmp_path / 'y'), progress=False)
   with pytest.raises(UserError, match='pool'):
     train.train_and_evaluate(small_config(cache_dir, **{'features.kind': 'pool'}), str(tmp_path / 'z'), progress=False)
+
+
+def test_a_cache_of_other_data_than_the_config_names_is_refused(cache_dir, tmp_path):
+  # Not silently trained on: the default data.cache_dir is shared by every data.source.
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  cases = [({'data.source': str(photos)}, rf'built from synthetic \(48 landscapes, seed 42\), but data.source names {photos}'),
+           ({'data.synthetic_images': 47}, r'but data.source names synthetic \(47 landscapes'),
+           ({'data.resize': 'center_crop'}, "built with data.resize='squash', but this config has 'center_crop'"),
+           ({'features.inception_weights': 'imagenet'}, "features.inception_weights='random', but this config has 'imagenet'")]
+  for over, message in cases:
+    with pytest.raises(UserError, match=message):
+      train.train_and_evaluate(small_config(cache_dir, **over), str(tmp_path / 'run'), progress=False)
+    assert not (tmp_path / 'run').exists()
+  # Training's own seed may differ from the one the synthetic images were made with.
+  cache = features_cache.open_cache(cache_dir)
+  features_cache.check_built_for(cache, small_config(cache_dir, seed=7))
+  features_cache.check_built_for(cache, small_config(cache_dir))
 
 
 def _fresh_state(config):
