@@ -25,15 +25,19 @@ _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a ste
 _SIZE = cli.define_integer('size', 0, 'Working resolution (multiple of 8); 0 = the training image size.')
 
 
-def expand_inputs(inputs):
+def expand_inputs(inputs, output=None):
   """[(path, output name or None, why not)] for files and folders (recursively), in order,
-  without duplicates, and with no two inputs given the same output name."""
+  without duplicates, and with no two inputs given the same output name. A folder's walk skips
+  `output`: with the output folder inside an input folder, running the command again must not
+  colorize the previous run's outputs (and nest them one level deeper)."""
   found, seen = [], set()
+  output = output and os.path.abspath(output)
   for item in inputs:
     path = os.path.abspath(os.path.expanduser(item))
     if os.path.isdir(path):
       for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
+        skip = (output, output and os.path.join(output, os.path.basename(path)))  # where its outputs go
+        dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
         for name in sorted(filenames):
           if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
             full = os.path.join(dirpath, name)
@@ -175,11 +179,11 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)]).
 
   `inception_weights` overrides the features' recorded weights (None: use the record)."""
-  items = expand_inputs(inputs)
-  if not items:
-    raise UserError('no input images given')
   # Checked before the model loads: a bad --output is found in a second, not after the first batch.
   output = cli.output_folder(output, 'output')
+  items = expand_inputs(inputs, output)
+  if not items:
+    raise UserError('no input images given')
   try:
     os.makedirs(output, exist_ok=True)
   except OSError as e:

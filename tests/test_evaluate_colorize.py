@@ -54,6 +54,23 @@ def test_colorfulness_matches_direct_numpy():
   assert np.allclose(np.asarray(metrics.colorfulness(jnp.asarray(gray))), 0, atol=1e-3)
 
 
+def test_colorize_run_again_into_a_folder_inside_its_input(trained, tmp_path):
+  # `--output photos/colorized photos`, twice: the second run must not take the first one's
+  # outputs for inputs (they would fail as "would overwrite an input" and nest a level deeper).
+  root, config = trained
+  for case, subfolder in (('inside', 'colorized'), ('itself', '')):  # the output folder: inside the input, or it
+    (tmp_path / case).mkdir()
+    inputs = _inputs(tmp_path / case / 'in')
+    output = inputs / subfolder
+    for _ in range(2):
+      written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(output), progress=False)
+      assert sorted(os.path.relpath(p, output) for p in written) == ['in/odd_landscape.png', 'in/portrait_gray.png']
+      assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
+    _assert_colorized(inputs, output / 'in')
+    assert sorted(str(p.relative_to(output)) for p in output.rglob('*.png')) == [
+        'in/odd_landscape.png', 'in/portrait_gray.png'] + (['portrait_gray.png'] if output == inputs else [])
+
+
 def test_auc_of_ab_error_curve():
   lab = skcolor.rgb2lab(_photos()).astype(np.float32)
   ab = lab[..., 1:]
