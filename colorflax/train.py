@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorflax import checkpoints, cli, color, config_validation, device_pipeline, features_cache
 from colorflax import model as model_lib
-from colorflax import metrics, reporting
+from colorflax import metrics, preemption, reporting
 from colorflax.errors import UserError
 
 _CONFIG = cli.define_config_flag()
@@ -336,6 +336,7 @@ def train_and_evaluate(config, workdir, progress=True):
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
     return {k: float(v) / len(val_rows) for k, v in jax.device_get(totals).items()}
 
+  stop = preemption.StopRequest(mngr)  # from here, SIGTERM and Ctrl-C stop with a checkpoint
   log(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
         f'{len(val_rows)} val images, global batch {batch}, {steps_per_epoch} steps/epoch, data {mode}, '
         f'steps {start_step}->{total_steps}')
@@ -355,11 +356,15 @@ def train_and_evaluate(config, workdir, progress=True):
         pending = (step_now, chunk_losses)
         step_now += n  # counted on the host: reading state.step would wait for the device
         every = config.checkpoint_every_steps
-        if every and step_now // every > (step_now - n) // every and step_now % steps_per_epoch:
+        mid_epoch = step_now % steps_per_epoch  # at an epoch's end, its validation comes first
+        stopping = stop.requested() and mid_epoch
+        if stopping or (every and step_now // every > (step_now - n) // every and mid_epoch):
           _check_finite(pending, losses, bar, batch)
           pending = None
           checkpoints.save(mngr, step_now, model=state.variables(), train=checkpoints.train_item(state),
                            data=feeder.checkpoint_state(), meta={'epoch': epoch, 'epoch_complete': False})
+        if stopping:
+          raise Stopped(stop, step_now, epoch, steps_per_epoch)
       if pending is not None:
         _check_finite(pending, losses, bar, batch)
       train_seconds = time.time() - epoch_start
@@ -383,13 +388,16 @@ def train_and_evaluate(config, workdir, progress=True):
       if config.samples_every_epochs and ((epoch + 1) % config.samples_every_epochs == 0 or epoch + 1 == config.num_epochs):
         report.samples(epoch + 1, reporting.sample_grid(predict, jax.device_get(state.variables()),
                                                         cache.images[sample_rows], cache.embeddings[sample_rows]))
+      if epoch + 1 < config.num_epochs and stop.requested():
+        raise Stopped(stop, step_now, epoch + 1, steps_per_epoch)
   except TrainingDiverged as e:
     mngr.wait_until_finished()  # the last epoch's checkpoint may still be being written
     kept = mngr.latest_step()
     raise TrainingDiverged(f'{e}. ' + (f'The last good checkpoint (step {kept}) is kept' if kept is not None
                                        else 'No checkpoint had been written')) from None
   finally:  # also when training stops with an error: the bar ends its line, the stream's
-    bar.close()  # workers stop, and a checkpoint still being written is completed
+    stop.close()  # workers stop, and a checkpoint still being written is completed
+    bar.close()
     feeder.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -398,6 +406,16 @@ def train_and_evaluate(config, workdir, progress=True):
     log(f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR {last["val_psnr"]:.2f} dB '
           f'(grayscale baseline {last["val_psnr_gray"]:.2f} dB), {time.time() - run_start:.0f}s')
   return state, last
+
+
+class Stopped(Exception):
+  """Training stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint at `step`."""
+
+  def __init__(self, stop, step, epoch, steps_per_epoch):
+    where = f'in epoch {epoch + 1}' if step % steps_per_epoch else f'after epoch {epoch}'
+    super().__init__(f'stopped by {stop.signal_name} at step {step} ({where}) with a checkpoint; '
+                     f'run the same command again to resume')
+    self.step, self.exit_code = step, stop.exit_code
 
 
 def _check_finite(pending, losses, bar, batch):
@@ -416,7 +434,12 @@ def main(argv):
   if not _WORKDIR.value:
     raise UserError('--workdir is required')
   config = cli.load_config(_CONFIG)
-  train_and_evaluate(config, cli.output_folder(_WORKDIR.value, 'workdir'), progress=True)
+  try:
+    train_and_evaluate(config, cli.output_folder(_WORKDIR.value, 'workdir'), progress=True)
+  except Stopped as e:
+    if jax.process_index() == 0:
+      print(f'train.py: {e}', file=sys.stderr)
+    return e.exit_code
 
 
 def entry_point():

@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -160,6 +161,75 @@ def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch,
   assert checkpoints.manager(tmp_path / 'b', read_only=True).latest_step() == 6
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
   _assert_same_params(full, resumed)
+
+
+def _signal_at_dispatch(monkeypatch, dispatch, *signals):
+  """Sends `signals` to this process just before the training loop's `dispatch`-th call."""
+  real = train.make_train_chunk
+
+  def make(*args, **kw):
+    chunk, calls = real(*args, **kw), []
+
+    def counted(*a):
+      calls.append(1)
+      if len(calls) == dispatch:
+        for sig in signals:
+          os.kill(os.getpid(), sig)
+      return chunk(*a)
+    return counted
+  monkeypatch.setattr(train, 'make_train_chunk', make)
+
+
+# Dispatches of 2 steps end at 2, 4 | 6, 8 (epochs of 4 steps). A stop asked for mid-epoch saves at
+# once; one asked for in an epoch's last dispatch lets the epoch validate and save first.
+@pytest.mark.parametrize('sig,dispatch,step,where', [(signal.SIGTERM, 3, 6, 'in epoch 2'),
+                                                     (signal.SIGINT, 2, 4, 'after epoch 1')])
+def test_a_signal_stops_training_with_a_checkpoint_and_resuming_equals_uninterrupted(
+    cache_dir, tmp_path, monkeypatch, capsys, sig, dispatch, step, where):
+  config = small_config(cache_dir, num_epochs=2)
+  full, _ = train.train_and_evaluate(config, str(tmp_path / 'a'), progress=False)
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  _signal_at_dispatch(monkeypatch, dispatch, sig)
+  with pytest.raises(train.Stopped, match=rf'stopped by {sig.name} at step {step} \({where}\) with a checkpoint'
+                     ) as stopped:
+    train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
+  assert stopped.value.exit_code == 128 + sig
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # put back
+  assert f'{sig.name} received: stopping after this dispatch' in capsys.readouterr().err
+  assert checkpoints.manager(tmp_path / 'b', read_only=True).latest_step() == step
+  assert len((tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()) == 1  # epoch 1 validated
+  monkeypatch.undo()
+  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
+  _assert_same_params(full, resumed)
+
+
+def test_a_second_ctrl_c_interrupts_at_once(cache_dir, tmp_path, monkeypatch):
+  _signal_at_dispatch(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(small_config(cache_dir, num_epochs=2), str(tmp_path / 'run'), progress=False)
+  assert checkpoints.manager(tmp_path / 'run', read_only=True).all_steps() == [4]  # no step-6 save waited for
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_path):
+  work = tmp_path / 'run'
+  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.train', '--config=configs/quickstart.py',
+                           f'--config.data.cache_dir={cache_dir}', '--config.data.synthetic_images=48',
+                           '--config.data.image_size=32', '--config.features.calibration_images=16',
+                           '--config.model.width=0.125', '--config.batch_size=8', '--config.steps_per_dispatch=2',
+                           '--config.num_epochs=50', f'--workdir={work}'],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:  # the handlers are in place once this line is out
+    if line.startswith('training on'):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 143, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  stopped = re.fullmatch(r'train\.py: stopped by SIGTERM at step (\d+) \(.+\) with a checkpoint; run the same '
+                         r'command again to resume', last)
+  assert stopped, err[-3000:]
+  assert checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1)) < 50 * 4
 
 
 def test_four_devices_match_one(cache_dir, tmp_path):
