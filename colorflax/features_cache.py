@@ -9,6 +9,7 @@
 a cache that looks finished. `open_cache` memory-maps a finished cache and validates it.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -74,23 +75,45 @@ def incomplete_dir(cache_dir) -> str:
 class CacheWriter:
   """Streams a cache into CACHE.incomplete/ and publishes it with one rename in `finish`."""
 
-  def __init__(self, cache_dir, image_size, embedding_dim):
+  def __init__(self, cache_dir, image_size, embedding_dim, expected_rows=0):
     self.final = os.path.abspath(os.path.expanduser(cache_dir))
     self.tmp = incomplete_dir(cache_dir)
-    if os.path.exists(self.tmp):
-      shutil.rmtree(self.tmp)  # what a killed run left behind: start it again cleanly
-    os.makedirs(self.tmp)
-    self.images = _RowFile(os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
-    self.embeddings = _RowFile(os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
+    self.row_bytes, self.expected_rows = image_size * image_size * 3 + embedding_dim * 4, expected_rows
+    with self.writing():
+      if os.path.exists(self.tmp):
+        shutil.rmtree(self.tmp)  # what a killed run left behind: start it again cleanly
+      os.makedirs(self.tmp)
+      self.images = _RowFile(os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
+      self.embeddings = _RowFile(os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
     self.files = []
+
+  @contextlib.contextmanager
+  def writing(self):
+    """Around anything written into the cache: a full disk (or any failed write) is one line,
+    and the partial cache is deleted at once (on a full disk, its space is what is needed back)."""
+    try:
+      yield
+    except OSError as e:
+      self.abort()
+      rows = self.images.rows if hasattr(self, 'images') else 0
+      total = max(self.expected_rows, rows)
+      raise UserError(f'cannot write the features cache at {self.final}: {e.strerror or e} (after {rows}'
+                      + (f' of {total}' if total else '') + ' images; the partial cache was deleted). '
+                      + (f'{total} images need about {_size(total * self.row_bytes)}: ' if total else '')
+                      + 'free some space or set data.cache_dir elsewhere') from None
 
   def append(self, images, embeddings, ids):
     assert len(images) == len(embeddings) == len(ids)
-    self.images.append(images)
-    self.embeddings.append(embeddings)
+    with self.writing():
+      self.images.append(images)
+      self.embeddings.append(embeddings)
     self.files.extend(ids)
 
   def finish(self, manifest: dict) -> str:
+    with self.writing():
+      return self._finish(manifest)
+
+  def _finish(self, manifest):
     self.images.close()
     self.embeddings.close()
     manifest = {**manifest, 'format_version': FORMAT_VERSION, 'num_images': self.images.rows,
@@ -110,9 +133,21 @@ class CacheWriter:
     return self.final
 
   def abort(self):
-    for f in (self.images.f, self.embeddings.f):
-      if not f.closed:
-        f.close()
+    """Closes and deletes the partial cache (a run killed outright leaves it for the next to clear)."""
+    for rows in (getattr(self, 'images', None), getattr(self, 'embeddings', None)):
+      if rows is not None and not rows.f.closed:
+        try:
+          rows.f.close()
+        except OSError:  # its buffered rows cannot be flushed to a full disk: it is deleted anyway
+          pass
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _size(nbytes):
+  for unit, scale in (('GB', 2**30), ('MB', 2**20)):
+    if nbytes >= scale:
+      return f'{nbytes / scale:.1f} {unit}'
+  return f'{nbytes / 2**10:.0f} KB'
 
 
 def fingerprint(settings: dict) -> str:

@@ -111,7 +111,7 @@ def precompute(config, overwrite=False, progress=True):
   dim = EMBEDDING_DIMS[config.features.kind]
   n = len(source.ids)
   begin, end = shard_range(n, shard, shards)
-  writer = features_cache.CacheWriter(out_dir, config.data.image_size, dim)
+  writer = features_cache.CacheWriter(out_dir, config.data.image_size, dim, expected_rows=end - begin)
   skipped, pending, pending_ids = [], [], []
   bs = config.features.batch_size
 
@@ -140,7 +140,8 @@ def precompute(config, overwrite=False, progress=True):
             break
         inception.calibrate(model, [inception.preprocess(np.stack(b)) for b in _batches(first, bs)])
         # Colorization must see the same network: keep its calibrated statistics with the cache.
-        inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
+        with writer.writing():
+          inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
       with reporting.progress_bar(total=end - begin, unit='img', disable=not progress, desc='precompute',
                                   smoothing=0.1) as bar:
         for i, image, reason in _decoded(pool, begin, end, workers):
@@ -210,13 +211,15 @@ def merge(config):
   if len(fps) != 1:
     raise UserError(f'cannot merge: the parts in {features_cache.parts_root(cache_dir)} were built with different settings')
   first = opened[0].manifest
-  writer = features_cache.CacheWriter(cache_dir, first['image_size'], first['embedding_dim'])
+  writer = features_cache.CacheWriter(cache_dir, first['image_size'], first['embedding_dim'],
+                                      expected_rows=sum(c.num_images for c in opened))
   for cache in opened:
     for a in range(0, cache.num_images, 1024):
       b = min(a + 1024, cache.num_images)
       writer.append(cache.images[a:b], cache.embeddings[a:b], cache.manifest['files'][a:b])
   if first.get('inception_calibration'):
-    shutil.copy(os.path.join(parts[0], first['inception_calibration']), writer.tmp)
+    with writer.writing():
+      shutil.copy(os.path.join(parts[0], first['inception_calibration']), writer.tmp)
   manifest = {k: v for k, v in first.items() if k not in ('shard', 'files', 'num_images', 'format_version')}
   manifest['skipped'] = [s for c in opened for s in c.manifest['skipped']]
   writer.finish(manifest)

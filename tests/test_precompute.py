@@ -1,3 +1,4 @@
+import errno
 import io
 import os
 import signal
@@ -224,6 +225,27 @@ def test_reuse_and_mismatch(weights_pth, tmp_path):
   assert features_cache.open_cache(tmp_path / 'c').image_size == 32  # untouched
   precompute_features.precompute(config, overwrite=True, progress=False)
   assert features_cache.open_cache(tmp_path / 'c').image_size == 16
+
+
+def test_a_full_disk_is_one_line_deletes_the_partial_cache_and_keeps_the_old_one(weights_pth, tmp_path, monkeypatch):
+  config = _config('synthetic', tmp_path / 'c', **{'features.inception_weights': weights_pth,
+                                                    'data.synthetic_images': 4})
+  precompute_features.precompute(config, progress=False)
+  real_append = features_cache._RowFile.append
+
+  def append(self, rows):  # the disk fills up after two batches of 4
+    if self.rows >= 8:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_append(self, rows)
+
+  monkeypatch.setattr(features_cache._RowFile, 'append', append)
+  config.data.synthetic_images = 12
+  with pytest.raises(UserError, match=rf'^cannot write the features cache at {tmp_path}/c: No space left on device '
+                     r'\(after 8 of 12 images; the partial cache was deleted\)\. 12 images need about 83 KB: '
+                     r'free some space or set data.cache_dir elsewhere$'):
+    precompute_features.precompute(config, overwrite=True, progress=False)
+  assert not os.path.exists(features_cache.incomplete_dir(tmp_path / 'c'))
+  assert features_cache.open_cache(tmp_path / 'c').num_images == 4  # the cache it was to replace
 
 
 def _run_cli(*args):
