@@ -12,6 +12,7 @@ off mid-write is never listed: readers fall back to the previous complete one.
 import contextlib
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -50,6 +51,7 @@ def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bo
 
 
 def save(mngr, step: int, *, model, meta: dict, train=None, data=None, metrics=None):
+  wait(mngr)  # orbax would raise the previous write's failure here, as a screenful from its threads
   items = {'model': ocp.args.StandardSave(model), 'meta': ocp.args.JsonSave(meta)}
   if train is not None:
     items['train'] = ocp.args.StandardSave(train)
@@ -57,6 +59,22 @@ def save(mngr, step: int, *, model, meta: dict, train=None, data=None, metrics=N
     import grain
     items['data'] = grain.checkpoint.CheckpointSave(data)
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def wait(mngr):
+  """Waits for the checkpoint being written in the background. A write that failed (a full
+  disk, a lost mount) is one line naming the checkpoint kept; its cut-off step is ignored on resume."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax re-raises its writer threads' errors (ValueError, OSError, ...)
+    text = str(e)
+    code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's, for a failed file write
+    reason = os.strerror(int(code.group(1))) if code else (text.splitlines() or [type(e).__name__])[0][:300]
+    mngr.reload()
+    kept = mngr.latest_step()
+    raise UserError(f'cannot write a checkpoint in {mngr.directory}: {reason}; '
+                    + (f'the last complete one (step {kept}) is kept: ' if kept is not None else 'none was completed: ')
+                    + 'make room and run the same command again') from None
 
 
 def resolve_step(mngr, which='latest') -> int:

@@ -30,7 +30,7 @@ def convert(pth_path, workdir, overwrite=False):
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, model=variables,
                    meta={'epoch': 0, 'source': checkpoints.IMPORTED, 'torch_checkpoint': os.path.abspath(pth_path)})
-  mngr.wait_until_finished()
+  checkpoints.wait(mngr)
   mngr.close()
   return 0
 

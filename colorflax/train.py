@@ -391,7 +391,7 @@ def train_and_evaluate(config, workdir, progress=True):
       if epoch + 1 < config.num_epochs and stop.requested():
         raise Stopped(stop, step_now, epoch + 1, steps_per_epoch)
   except TrainingDiverged as e:
-    mngr.wait_until_finished()  # the last epoch's checkpoint may still be being written
+    checkpoints.wait(mngr)  # the last epoch's checkpoint may still be being written
     kept = mngr.latest_step()
     raise TrainingDiverged(f'{e}. ' + (f'The last good checkpoint (step {kept}) is kept' if kept is not None
                                        else 'No checkpoint had been written')) from None
@@ -399,7 +399,7 @@ def train_and_evaluate(config, workdir, progress=True):
     stop.close()  # workers stop, and a checkpoint still being written is completed
     bar.close()
     feeder.close()
-    mngr.wait_until_finished()
+    checkpoints.wait(mngr)
     mngr.close()
     report.close()
   if last is not None:

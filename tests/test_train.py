@@ -163,6 +163,12 @@ def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch,
   _assert_same_params(full, resumed)
 
 
+# The small_config run on the command line (its cache built by the cache_dir fixture).
+_SMALL_RUN_ARGS = ['--config=configs/quickstart.py', '--config.data.synthetic_images=48', '--config.data.image_size=32',
+                   '--config.features.calibration_images=16', '--config.model.width=0.125', '--config.batch_size=8',
+                   '--config.steps_per_dispatch=2']
+
+
 def _signal_at_dispatch(monkeypatch, dispatch, *signals):
   """Sends `signals` to this process just before the training loop's `dispatch`-th call."""
   real = train.make_train_chunk
@@ -213,10 +219,7 @@ def test_a_second_ctrl_c_interrupts_at_once(cache_dir, tmp_path, monkeypatch):
 
 def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_path):
   work = tmp_path / 'run'
-  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.train', '--config=configs/quickstart.py',
-                           f'--config.data.cache_dir={cache_dir}', '--config.data.synthetic_images=48',
-                           '--config.data.image_size=32', '--config.features.calibration_images=16',
-                           '--config.model.width=0.125', '--config.batch_size=8', '--config.steps_per_dispatch=2',
+  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.train', *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
                            '--config.num_epochs=50', f'--workdir={work}'],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:  # the handlers are in place once this line is out
@@ -230,6 +233,20 @@ def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_pat
                          r'command again to resume', last)
   assert stopped, err[-3000:]
   assert checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1)) < 50 * 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(cache_dir, tmp_path):
+  # Files capped at 200 kB (the checkpoint's data file is larger): tensorstore's write fails
+  # with EFBIG in orbax's background thread, as on a full disk. One line, not orbax's screenful.
+  code = ('import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+          'resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.argv[0] = "train.py"; '
+          'runpy.run_module("colorflax.train", run_name="__main__")')
+  r = subprocess.run([sys.executable, '-c', code, *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
+                      '--config.num_epochs=2', f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (f'train.py: error: cannot write a checkpoint in {tmp_path}/run/checkpoints: '
+                                               'File too large; none was completed: make room and run the same command again')
+  assert 'Event loop is closed' not in r.stderr
 
 
 def test_four_devices_match_one(cache_dir, tmp_path):
