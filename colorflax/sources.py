@@ -22,8 +22,15 @@ class FolderSource:
       raise UserError(f'data.source: no such folder: {root}')
     if not os.path.isdir(self.root):
       raise UserError(f'data.source: not a folder: {root}')
-    found = []
+    found, walked = [], set()
     for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+      # Links are followed, but each folder is read once: a link back up the tree (a cycle) or
+      # two links to one folder would otherwise list its images again and again.
+      st = os.stat(dirpath)
+      if (st.st_dev, st.st_ino) in walked:
+        dirnames[:] = []
+        continue
+      walked.add((st.st_dev, st.st_ino))
       dirnames.sort()
       for name in filenames:
         if name.lower().endswith(image_io.IMAGE_EXTENSIONS) and not name.startswith('._'):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorflax import features_cache, inception, precompute_features, synthetic
+from colorflax import features_cache, inception, precompute_features, sources, synthetic
 from colorflax.errors import UserError
 from configs import quickstart
 
@@ -102,6 +102,19 @@ def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(mixed_folder, w
     a = (tmp_path / 'cache' / name).read_bytes()
     b = (tmp_path / 'again' / name).read_bytes()
     assert a == b, name
+
+
+def test_a_folder_with_linked_folders_lists_each_image_once(tmp_path):
+  root = tmp_path / 'photos'
+  (root / 'b').mkdir(parents=True)
+  for rel in ('a.jpg', 'b/c.png'):
+    Image.fromarray(_colourful(0)).save(root / rel)
+  (root / 'b' / 'up').symlink_to('..')  # a cycle
+  (root / 'alias').symlink_to('b')  # a second way into b/
+  (tmp_path / 'more').mkdir()
+  Image.fromarray(_colourful(1)).save(tmp_path / 'more' / 'd.png')
+  (root / 'more').symlink_to(tmp_path / 'more')  # a folder outside: still followed
+  assert sources.FolderSource(str(root)).ids == ['a.jpg', 'alias/c.png', 'more/d.png']
 
 
 def test_exif_orientation_alpha_and_16bit_decoding(mixed_folder):
