@@ -241,10 +241,11 @@ def check_matches_config(cache, config, hint='python -m colorflax.precompute_fea
 
 
 def check_built_for(cache, config, hint='python -m colorflax.precompute_features --config CONFIG'):
-  """A cache of other images or features than `config` names (data.source, data.resize,
-  features.inception_weights): one clear line, rather than a run that trains on them silently.
-  Training asks this; evaluation does not (any cache may be evaluated). Fields a cache did not
-  record (hand-made caches) are not compared."""
+  """A cache of other images than `config` names (data.source, data.resize): one clear line,
+  rather than a run that trains on them silently. Training asks this; evaluation does not (any
+  cache may be evaluated). Fields a cache did not record (hand-made caches) are not compared.
+  features.inception_weights is not: training never reads it, and colorization takes the
+  weights from the cache's record."""
   settings = cache.manifest.get('settings') or {}
   where = f'the cache at {config.data.cache_dir}'
   recorded = cache.manifest.get('source')
@@ -253,8 +254,8 @@ def check_built_for(cache, config, hint='python -m colorflax.precompute_features
     if wanted != recorded:  # not --overwrite: that cache may have taken hours to build
       raise UserError(f'{where} was built from {recorded}, but data.source names {wanted}: build a cache '
                       f'for it ({hint}) in a data.cache_dir of its own, or make data.source name the cache\'s')
-  for key, name, value in (('resize', 'data.resize', config.data.resize),
-                           ('inception_weights', 'features.inception_weights', config.features.inception_weights)):
-    if key in settings and settings[key] != value:
-      raise UserError(f'{where} was built with {name}={settings[key]!r}, but this config has {value!r}; '
-                      f'rebuild it: {hint} --overwrite')
+  # The run's config.json must say how its images were resized: colorization resizes new ones so.
+  if 'resize' in settings and settings['resize'] != config.data.resize:
+    raise UserError(f'{where} was built with data.resize={settings["resize"]}, but this config has '
+                    f'{config.data.resize}: train on it with --config.data.resize={settings["resize"]}, or '
+                    f'rebuild it: {hint} --overwrite')
