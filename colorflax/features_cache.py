@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -252,8 +254,11 @@ def check_built_for(cache, config, hint='python -m colorflax.precompute_features
   if recorded is not None and 'seed' in settings:
     wanted = sources.describe(config, settings['seed'])
     if wanted != recorded:  # not --overwrite: that cache may have taken hours to build
-      raise UserError(f'{where} was built from {recorded}, but data.source names {wanted}: build a cache '
-                      f'for it ({hint}) in a data.cache_dir of its own, or make data.source name the cache\'s')
+      synthetic = re.fullmatch(r'synthetic \((\d+) landscapes, seed .*\)', recorded)
+      fits = (f'--config.data.source=synthetic --config.data.synthetic_images={synthetic.group(1)}' if synthetic
+              else f'--config.data.source={shlex.quote(recorded)}')
+      raise UserError(f'{where} was built from {recorded}, but data.source names {wanted}: to train on this '
+                      f'cache, add {fits}; to train on {wanted}, build its own cache ({hint}) in another data.cache_dir')
   # The run's config.json must say how its images were resized: colorization resizes new ones so.
   if 'resize' in settings and settings['resize'] != config.data.resize:
     raise UserError(f'{where} was built with data.resize={settings["resize"]}, but this config has '

@@ -358,8 +358,10 @@ def test_a_cache_of_other_data_than_the_config_names_is_refused(cache_dir, tmp_p
   # Not silently trained on: the default data.cache_dir is shared by every data.source.
   photos = tmp_path / 'photos'
   photos.mkdir()
-  cases = [({'data.source': str(photos)}, rf'built from synthetic \(48 landscapes, seed 42\), but data.source names {photos}'),
-           ({'data.synthetic_images': 47}, r'but data.source names synthetic \(47 landscapes'),
+  fits = '--config.data.source=synthetic --config.data.synthetic_images=48'
+  cases = [({'data.source': str(photos)}, rf'built from synthetic \(48 landscapes, seed 42\), but data.source names {photos}: '
+                                          rf'to train on this cache, add {fits}; to train on {photos}, build its own cache'),
+           ({'data.synthetic_images': 47}, rf'but data.source names synthetic \(47 landscapes, seed 42\): .* add {fits};'),
            ({'data.resize': 'center_crop'}, 'built with data.resize=squash, but this config has center_crop: train on it '
                                             'with --config.data.resize=squash, or rebuild it')]
   for over, message in cases:
