@@ -6,6 +6,7 @@ mse (normalised ab), psnr (mean, std), ssim, colourfulness (Hasler–Süsstrunk)
 and of the ground truth, and the AuC of the per-pixel ab error curve (thresholds 0-150).
 """
 
+import csv
 import json
 import os
 
@@ -23,6 +24,8 @@ _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a ste
 _SPLIT = cli.define_string('split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.")
 _JSON = cli.define_string('json', None, 'Also write the metrics to this JSON file.')
 _SAMPLES = cli.define_integer('samples', 0, 'Write a grid of N images: grayscale | predicted | actual.')
+_PER_IMAGE = cli.define_string('per_image', None, "Also write every image's metrics to this CSV file "
+                               '(its cache row and source file first), e.g. to find the worst ones.')
 
 
 def per_image_metrics(model):
@@ -71,7 +74,8 @@ def split_rows(cache, config, split):
 
 
 def evaluate(workdir, config, which='best', split='val', batch_size=None, samples=0):
-  """(metrics dict, sample grid or None) for a checkpoint of `workdir` on `config`'s cache."""
+  """(metrics dict, sample grid or None, per-image metrics) for a checkpoint of `workdir` on
+  `config`'s cache; the per-image metrics are arrays in the order of their `row` in the cache."""
   cache = features_cache.open_cache(config.data.cache_dir)
   features_cache.check_matches_config(cache, config, size_is_a_choice=True)
   devices = jax.devices()
@@ -97,13 +101,27 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   for n, out in results:
     for k, v in jax.device_get(out).items():
       per_image.setdefault(k, []).append(np.asarray(v)[:n])
-  summary = summarize({k: np.concatenate(v) for k, v in per_image.items()})
+  per_image = {'row': np.asarray(rows), **{k: np.concatenate(v) for k, v in per_image.items()}}
+  summary = summarize(per_image)
   summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
   grid = None
   if samples:
     predict = jax.jit(lambda v, l, e: model.apply(v, l, e, train=False))
     grid = reporting.sample_grid(predict, variables, cache.images[rows[:samples]], cache.embeddings[rows[:samples]])
-  return summary, grid
+  return summary, grid, per_image
+
+
+PER_IMAGE_COLUMNS = ('mse', 'mse_gray', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'auc', 'auc_gray',
+                     'colorfulness', 'colorfulness_gray', 'colorfulness_true')
+
+
+def write_per_image_csv(path, per_image, files):
+  """One line per image: its cache row, its source file (the manifest's id), and its metrics."""
+  with open(path, 'w', newline='') as f:
+    out = csv.writer(f)
+    out.writerow(('row', 'file') + PER_IMAGE_COLUMNS)
+    for i, row in enumerate(per_image['row']):
+      out.writerow([int(row), files[row]] + [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS])
 
 
 def format_table(m):
@@ -127,11 +145,15 @@ def main(argv):
     raise UserError('--workdir is required')
   config = cli.load_workdir_config(_WORKDIR.value)
   json_path = cli.output_file(_JSON.value, 'json')
-  summary, grid = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
+  csv_path = cli.output_file(_PER_IMAGE.value, 'per_image')
+  summary, grid, per_image = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
   print(format_table(summary))
   if json_path:
     with open(json_path, 'w') as f:
       json.dump(summary, f, indent=2)
+  if csv_path:
+    write_per_image_csv(csv_path, per_image, features_cache.read_manifest(config.data.cache_dir)['files'])
+    print(f'per-image metrics: {csv_path}')
   if grid is not None:
     from PIL import Image
     path = os.path.join(_WORKDIR.value, 'samples', f'eval_step_{summary["checkpoint_step"]:07d}.png')

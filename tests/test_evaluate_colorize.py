@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from colorflax import checkpoints, color, colorize, evaluate, image_io, metrics, precompute_features, synthetic, train
+from colorflax import (checkpoints, color, colorize, evaluate, features_cache, image_io, metrics, precompute_features,
+                       synthetic, train)
 from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +94,7 @@ def trained(tmp_path_factory):
 
 def test_evaluate_reports_model_and_baseline(trained):
   root, config = trained
-  summary, grid = evaluate.evaluate(str(root / 'run'), config, 'best', 'val', samples=3)
+  summary, grid, per_image = evaluate.evaluate(str(root / 'run'), config, 'best', 'val', samples=3)
   for key in ('num_images', 'mse', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'colorfulness', 'colorfulness_true',
               'delta_colorfulness', 'auc', 'auc_gray', 'checkpoint_step'):
     assert key in summary
@@ -105,18 +107,32 @@ def test_evaluate_reports_model_and_baseline(trained):
     assert summary['psnr'] == pytest.approx(last['val_psnr'], abs=1e-3)
     assert summary['psnr_gray'] == pytest.approx(last['val_psnr_gray'], abs=1e-3)
   assert grid.shape == (3 * 32, 3 * 32, 3)
-  everything, _ = evaluate.evaluate(str(root / 'run'), config, 'latest', 'all')
+  cache = features_cache.open_cache(config.data.cache_dir)
+  np.testing.assert_array_equal(per_image['row'], evaluate.split_rows(cache, config, 'val'))
+  everything, _, all_images = evaluate.evaluate(str(root / 'run'), config, 'best', 'all')
   assert everything['num_images'] == 48
+  np.testing.assert_array_equal(all_images['row'], np.arange(48))
+  for key in evaluate.PER_IMAGE_COLUMNS:  # an image's metrics do not depend on the batch it was in
+    np.testing.assert_allclose(all_images[key][per_image['row']], per_image[key], rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
   root, config = trained
   out = tmp_path / 'm.json'
   r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=latest',
-                      f'--json={out}', '--samples=2'], cwd=REPO, capture_output=True, text=True,
-                     env={**os.environ, 'XLA_FLAGS': ''})  # trained on 4 devices, restored onto 1
+                      f'--json={out}', '--samples=2', f'--per_image={tmp_path}/per_image.csv'], cwd=REPO,
+                     capture_output=True, text=True, env={**os.environ, 'XLA_FLAGS': ''})  # trained on 4 devices, restored onto 1
   assert r.returncode == 0, r.stderr[-2000:]
-  assert json.loads(out.read_text())['num_images'] == 12
+  summary = json.loads(out.read_text())
+  assert summary['num_images'] == 12
+  with open(tmp_path / 'per_image.csv', newline='') as f:
+    lines = list(csv.DictReader(f))
+  cache = features_cache.open_cache(config.data.cache_dir)
+  assert [int(x['row']) for x in lines] == evaluate.split_rows(cache, config, 'val').tolist()
+  assert [x['file'] for x in lines] == [cache.manifest['files'][int(x['row'])] for x in lines]
+  assert all(x['file'].startswith('synthetic:') for x in lines)
+  for key in ('psnr', 'ssim', 'auc', 'mse_gray'):
+    assert np.mean([float(x[key]) for x in lines]) == pytest.approx(summary[key], rel=1e-5)
   assert 'grayscale' in r.stdout
   bad = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=12345'],
                        cwd=REPO, capture_output=True, text=True)
@@ -140,7 +156,7 @@ def test_evaluate_at_another_image_size(trained, tmp_path):
   with pytest.raises(UserError, match='holds 48px images, the run was trained at 32px; to evaluate at 48px add '
                                       '--config.data.image_size=48'):
     evaluate.evaluate(str(root / 'run'), on_other_cache, 'best', 'val')
-  summary, _ = evaluate.evaluate(str(root / 'run'), other, 'best', 'val')
+  summary, _, _ = evaluate.evaluate(str(root / 'run'), other, 'best', 'val')
   assert summary['num_images'] == 12 and np.isfinite([summary['psnr'], summary['ssim'], summary['auc']]).all()
 
 
@@ -157,7 +173,7 @@ def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
   results = {}
   for eval_batch in (0, 4, 6):  # 0: the training batch (8); 6 is rounded up to split over the 4 devices
     shapes.clear()
-    results[eval_batch], _ = evaluate.evaluate(str(root / 'run'), small_config(
+    results[eval_batch], _, _ = evaluate.evaluate(str(root / 'run'), small_config(
         config.data.cache_dir, num_epochs=3, eval_batch_size=eval_batch), 'best', 'val')
     assert shapes == {0: [8, 8], 4: [4, 4, 4], 6: [8, 8]}[eval_batch]  # 12 validation images
   for key in ('mse', 'psnr', 'ssim', 'auc', 'colorfulness'):
