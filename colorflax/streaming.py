@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import queue
+import signal
 import threading
 
 import grain
@@ -122,6 +123,16 @@ class IteratorState:
     pass
 
 
+def _leave_stop_signals_to_training(worker_index, worker_count):
+  """Ctrl-C and schedulers' SIGTERM reach the whole process group. Training stops on them with a
+  checkpoint (colorflax.preemption) and then stops its workers itself (grain: an event, then a
+  kill); a worker that died on the signal first would print a traceback and could leave it short
+  of the batches it still reads."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamFeeder:
   """The batches of a run, streamed; the same interface as `device_pipeline.ResidentFeeder`.
 
@@ -147,7 +158,8 @@ class StreamFeeder:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; called outside app.run
         flags.FLAGS.mark_as_parsed()
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.stream_workers,
-                                                             per_worker_buffer_size=config.data.stream_prefetch))
+                                                             per_worker_buffer_size=config.data.stream_prefetch),
+                                worker_init_fn=_leave_stop_signals_to_training)
     self.iterator = iter(it_ds)
     if restored.iterator_state is not None:
       self.iterator.set_state(restored.iterator_state)

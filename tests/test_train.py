@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -233,6 +234,26 @@ def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_pat
                          r'command again to resume', last)
   assert stopped, err[-3000:]
   assert checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1)) < 50 * 4
+
+
+def test_ctrl_c_to_the_process_group_with_grain_workers_stops_cleanly(cache_dir, tmp_path):
+  # A terminal's Ctrl-C (and SLURM's signals) reach every process of the group, grain's stream
+  # workers too: they leave the stop to training, which saves and then closes them.
+  work = tmp_path / 'run'
+  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.train', *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
+                           '--config.num_epochs=50', '--config.data.placement=streaming', '--config.data.stream_workers=2',
+                           f'--workdir={work}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  for line in proc.stdout:
+    if line.startswith('training on'):
+      break
+  time.sleep(3)  # the workers are up and filling their buffers
+  os.killpg(proc.pid, signal.SIGINT)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 130, err[-3000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  stopped = re.search(r'stopped by SIGINT at step (\d+) ', err)
+  assert stopped and checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(cache_dir, tmp_path):
