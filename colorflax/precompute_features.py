@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -235,6 +236,9 @@ _WORKER_SETTINGS = None
 def _init_worker(*settings):
   global _WORKER_SETTINGS
   _WORKER_SETTINGS = settings
+  # A terminal's Ctrl-C reaches the decode workers too: the main process stops them (the pool's
+  # terminate), so each need not die with a KeyboardInterrupt traceback of its own.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare_range(begin, end):

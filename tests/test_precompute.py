@@ -306,6 +306,25 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   assert features_cache.open_cache(cache).num_images == 8 and not os.path.exists(partial)
 
 
+def test_ctrl_c_is_one_line_and_leaves_no_partial_cache(tmp_path):
+  # Ctrl-C reaches the whole process group, the decode workers too: only the main process speaks.
+  cache = tmp_path / 'cache'
+  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
+                           f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400',
+                           '--config.data.image_size=32', '--config.features.batch_size=4',
+                           '--config.features.num_workers=2', '--config.features.calibration_images=4'],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  partial = os.path.join(features_cache.incomplete_dir(cache), 'embeddings.npy')
+  deadline = time.time() + 120
+  while time.time() < deadline and not (os.path.exists(partial) and os.path.getsize(partial) > 128 + 4 * 1000 * 8):
+    time.sleep(0.1)  # rows are being written
+  os.killpg(proc.pid, signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'precompute_features.py: error: interrupted', err[-3000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  assert not os.path.exists(features_cache.incomplete_dir(cache)) and not cache.exists()
+
+
 def test_writer_memory_stays_bounded(tmp_path):
   # 1,500 rows of 256 px (295 MB) streamed through the writer: peak RSS must not follow the data.
   code = f"""
