@@ -395,9 +395,9 @@ def train_and_evaluate(config, workdir, progress=True):
     kept = mngr.latest_step()
     raise TrainingDiverged(f'{e}. ' + (f'The last good checkpoint (step {kept}) is kept' if kept is not None
                                        else 'No checkpoint had been written')) from None
-  finally:  # also when training stops with an error: the bar ends its line, the stream's
-    stop.close()  # workers stop, and a checkpoint still being written is completed
-    bar.close()
+  finally:  # also when training stops with an error: the signals get their handlers back, the bar
+    stop.close()  # ends its line, the stream's workers stop, and a checkpoint still being written is
+    bar.close()  # completed (or its failure named in one line)
     feeder.close()
     checkpoints.wait(mngr)
     mngr.close()
