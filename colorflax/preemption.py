@@ -5,14 +5,21 @@ SIGTERM is how schedulers give notice: SLURM at the time limit (or earlier with
 on the spot, losing everything since the last checkpoint (up to an epoch). Instead the training
 loop asks `requested()` after every dispatch and, once it says yes, saves a checkpoint and stops.
 
-- One process: SIGTERM and Ctrl-C (SIGINT) set a flag; a second one of either acts as it
-  would have without this (SIGTERM kills, Ctrl-C interrupts at once).
+- One process: SIGTERM, Ctrl-C (SIGINT) and SIGHUP set a flag; a second one of any acts as it
+  would have without this (SIGTERM and SIGHUP kill, Ctrl-C interrupts at once).
 - Several processes: their checkpoint is written collectively, so they must all stop after the
   same dispatch, whichever of them got the signal. `jax.distributed` catches SIGTERM itself
   and agrees on that dispatch across processes (its preemption sync point, through orbax's
-  `reached_preemption`); Ctrl-C keeps its usual meaning there.
+  `reached_preemption`); SIGHUP is passed on to it as SIGTERM; Ctrl-C keeps its usual meaning.
+- Output that can no longer be written is a stop request too. Training over ssh without tmux:
+  when the connection drops, the terminal hangs up (SIGHUP, then EIO on every write), or the pipe
+  that carried the output breaks (EPIPE: `gcloud ... ssh --command`, `| tee` killed). Before, the
+  next progress line raised BrokenPipeError and the run died without a checkpoint (or killed
+  one being written); now the lost stream is pointed at /dev/null and the run stops with one.
 """
 
+import errno
+import os
 import signal
 import sys
 import threading
@@ -31,21 +38,51 @@ class StopRequest:
     self._previous = {}
     # With several processes, jax.distributed's preemption notifier owns SIGTERM. Handlers can
     # only be installed from the main thread (training run from another keeps the defaults).
-    if not _distributed() and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. Ctrl-C in a background job stays ignored
-          self._previous[sig] = signal.signal(sig, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      if _distributed():
+        handled = [(signal.SIGHUP, _to_preemption_notice)]
+      else:
+        handled = [(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
+      for sig, handler in handled:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # Ctrl-C in a background job, SIGHUP under nohup
+          self._previous[sig] = signal.signal(sig, handler)
+    self._streams = {name: getattr(sys, name) for name in ('stdout', 'stderr')}
+    for name, stream in self._streams.items():
+      setattr(sys, name, _Guarded(stream, self._output_lost))
 
   def close(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+    for name, stream in self._streams.items():
+      if isinstance(getattr(sys, name), _Guarded):
+        setattr(sys, name, stream)
+    self._streams.clear()
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
     signal.signal(signum, self._previous[signum])  # the second one is not held back
-    print(f'\n{self.signal_name} received: stopping after this dispatch with a checkpoint '
-          f'(send it again to stop at once)', file=sys.stderr, flush=True)
+    try:
+      print(f'\n{self.signal_name} received: stopping after this dispatch with a checkpoint '
+            f'(send it again to stop at once)', file=sys.stderr, flush=True)
+    except RuntimeError:  # the signal came in the middle of a write to stderr ("reentrant call")
+      pass
+
+  def _output_lost(self, error, fd):
+    """A write to stdout or stderr (file descriptor `fd`) failed for good: every standard stream
+    on that file (a terminal, a pipe) now writes to /dev/null, also for Python's flush at exit,
+    and training stops."""
+    target = _file_id(fd)
+    lost = [n for n in (1, 2) if target is not None and _file_id(n) == target]
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in lost:
+      os.dup2(null, fd)
+    os.close(null)
+    if self.signal_name is None:
+      if _distributed():
+        _to_preemption_notice(signal.SIGHUP, None)
+      else:
+        self.signal_name = 'SIGPIPE' if error.errno == errno.EPIPE else 'SIGHUP'
 
   def requested(self) -> bool:
     """True from the first call after a stop was asked for (sticky)."""
@@ -58,6 +95,56 @@ class StopRequest:
   @property
   def exit_code(self) -> int:
     return 128 + signal.Signals[self.signal_name].value
+
+
+class _Guarded:
+  """sys.stdout or sys.stderr while training: a write that fails because the terminal hung up
+  (EIO) or the pipe broke (EPIPE) calls `lost(error, fd)` instead of raising (tqdm's bar, print)."""
+
+  def __init__(self, stream, lost):
+    self._stream, self._lost = stream, lost
+
+  def _guard(self, method, *args):
+    try:
+      return method(*args)
+    except OSError as e:
+      if e.errno not in (errno.EIO, errno.EPIPE):
+        raise
+      self._lost(e, _fileno(self._stream))
+      return len(args[0]) if args else None
+
+  def write(self, text):
+    return self._guard(self._stream.write, text)
+
+  def flush(self):
+    return self._guard(self._stream.flush)
+
+  def __getattr__(self, name):  # isatty, encoding, fileno, ...
+    return getattr(self._stream, name)
+
+
+def _fileno(stream):
+  try:
+    return stream.fileno()
+  except (AttributeError, OSError, ValueError):  # pytest's capture, a closed stream
+    return None
+
+
+def _file_id(fd):
+  if fd is None:
+    return None
+  try:
+    st = os.fstat(fd)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
+def _to_preemption_notice(signum, frame):
+  """Several processes: SIGHUP (or lost output) becomes the SIGTERM that JAX's preemption
+  notifier listens for, so that every process stops after the same dispatch."""
+  del signum, frame
+  os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _distributed() -> bool:

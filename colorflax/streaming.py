@@ -124,13 +124,30 @@ class IteratorState:
 
 
 def _leave_stop_signals_to_training(worker_index, worker_count):
-  """Ctrl-C and schedulers' SIGTERM reach the whole process group. Training stops on them with a
-  checkpoint (colorflax.preemption) and then stops its workers itself (grain: an event, then a
-  kill); a worker that died on the signal first would print a traceback and could leave it short
-  of the batches it still reads."""
+  """Ctrl-C, schedulers' SIGTERM and a closed terminal's SIGHUP (the shell sends it to its jobs)
+  reach the whole process group. Training stops on them with a checkpoint (colorflax.preemption)
+  and then stops its workers itself (grain: an event, then a kill); a worker that died on the
+  signal first would print a traceback and could leave it short of the batches it still reads."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+
+def _start_resource_tracker_without_sighup():
+  """The workers' shared memory is registered with multiprocessing's resource tracker, a process
+  of the same group. Python keeps SIGINT and SIGTERM from it, not SIGHUP: on a closed terminal
+  it died, and the one started in its place printed a traceback for every block freed after.
+  Started with SIGHUP ignored (a disposition kept across exec), it outlives the hangup too."""
+  from multiprocessing import resource_tracker
+  if threading.current_thread() is not threading.main_thread():
+    return  # signal.signal would refuse; the tracker starts as Python starts it
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    resource_tracker.ensure_running()
+  finally:
+    signal.signal(signal.SIGHUP, previous)
 
 
 class StreamFeeder:
@@ -157,6 +174,7 @@ class StreamFeeder:
     if config.data.stream_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; called outside app.run
         flags.FLAGS.mark_as_parsed()
+      _start_resource_tracker_without_sighup()
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.stream_workers,
                                                              per_worker_buffer_size=config.data.stream_prefetch),
                                 worker_init_fn=_leave_stop_signals_to_training)

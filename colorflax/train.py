@@ -336,7 +336,7 @@ def train_and_evaluate(config, workdir, progress=True):
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
     return {k: float(v) / len(val_rows) for k, v in jax.device_get(totals).items()}
 
-  stop = preemption.StopRequest(mngr)  # from here, SIGTERM and Ctrl-C stop with a checkpoint
+  stop = preemption.StopRequest(mngr)  # from here, SIGTERM, Ctrl-C and SIGHUP stop with a checkpoint
   log(f'training on {len(devices)} {devices[0].platform} device(s): {len(train_rows)} train / '
         f'{len(val_rows)} val images, global batch {batch}, {steps_per_epoch} steps/epoch, data {mode}, '
         f'steps {start_step}->{total_steps}')
@@ -409,7 +409,7 @@ def train_and_evaluate(config, workdir, progress=True):
 
 
 class Stopped(Exception):
-  """Training stopped on request (SIGTERM, Ctrl-C) after saving a checkpoint at `step`."""
+  """Training stopped on request (SIGTERM, Ctrl-C, a lost terminal) after saving a checkpoint at `step`."""
 
   def __init__(self, stop, step, epoch, steps_per_epoch):
     where = f'in epoch {epoch + 1}' if step % steps_per_epoch else f'after epoch {epoch}'

@@ -14,6 +14,10 @@
 # share (a Filestore/NFS mount, or gcsfuse), where orbax writes checkpoints collectively.
 # Set PROJECT to pass --project. Every worker runs the same config: use per-device batches,
 # e.g. --config.per_device_batch_size=32, and --config.model.dtype=bfloat16.
+# Training runs in the foreground of the ssh sessions: if they drop, every worker stops after
+# the same step with a checkpoint (SIGHUP or the broken output pipe; README, Training), and
+# running this again resumes. For runs longer than a connection lasts, start this script in
+# tmux on a machine that stays connected.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: TPU_NAME=NAME ZONE=ZONE $0 CONFIG WORKDIR [--config.x=value ...]" >&2

@@ -98,9 +98,12 @@ def test_two_processes_match_one_process_with_four_devices(single_process_run, t
     assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(single_process_run, tmp_path):
+@pytest.mark.parametrize('stop', ['SIGTERM', 'SIGHUP', 'output lost'])
+def test_a_stop_asked_of_one_process_stops_both_at_the_same_step_with_a_checkpoint(single_process_run, tmp_path, stop):
   # A preempted host: jax.distributed catches SIGTERM and has every process agree on the dispatch
   # after which they save their collective checkpoint and stop, though only one got the signal.
+  # SIGHUP (one worker's ssh session dropped) and output that can no longer be written (the pipe
+  # to a dropped ssh session) are handed to the same agreement.
   root, _ = single_process_run
   work, port = tmp_path / 'multi', _free_port()
   args = ['--config=configs/quickstart.py', f'--config.data.cache_dir={root / "cache"}', '--config.data.synthetic_images=48',
@@ -109,21 +112,27 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(si
           '--config.distributed=True', f'--config.coordinator_address=127.0.0.1:{port}', '--config.num_processes=2',
           f'--workdir={work}']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  stderr = [subprocess.STDOUT if stop == 'output lost' else subprocess.PIPE, subprocess.PIPE]
   procs = [subprocess.Popen([sys.executable, '-m', 'colorflax.train', *args, f'--config.process_id={i}'], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for line in procs[0].stdout:  # both processes are past jax.distributed.initialize
-    if line.startswith('training on'):
+                            env=env, stdout=subprocess.PIPE, stderr=stderr[i], text=True) for i in range(2)]
+  for line in procs[0].stdout:  # an epoch run by both (a collective checkpoint): both have their handlers
+    if line.startswith('epoch 1:'):
       break
-  procs[1].send_signal(signal.SIGTERM)  # the one that does not speak
+  if stop == 'output lost':
+    procs[0].stdout.close()  # the one that speaks: its next line gets EPIPE
+  else:
+    procs[1].send_signal(getattr(signal, stop))  # the one that does not speak
   outs = [p.communicate(timeout=600) for p in procs]
-  assert [p.returncode for p in procs] == [143, 143], [err[-3000:] for _, err in outs]
-  last = outs[0][1].strip().splitlines()[-1]
-  stopped = re.fullmatch(r'train\.py: stopped by SIGTERM at step (\d+) \(.+\) with a checkpoint; run the same '
-                         r'command again to resume', last)
-  assert stopped, outs[0][1][-3000:]
-  step = int(stopped.group(1))
-  assert 0 < step < 50 * 4
+  assert [p.returncode for p in procs] == [143, 143], [err and err[-3000:] for _, err in outs]
   from colorflax import checkpoints
+  step = checkpoints.manager(work, read_only=True).latest_step()
+  if stop != 'output lost':
+    last = outs[0][1].strip().splitlines()[-1]
+    stopped = re.fullmatch(r'train\.py: stopped by SIGTERM at step (\d+) \(.+\) with a checkpoint; run the same '
+                           r'command again to resume', last)
+    assert stopped, outs[0][1][-3000:]
+    assert int(stopped.group(1)) == step
+  assert 4 < step < 50 * 4
   config = small_config(root / 'cache')
   mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   assert checkpoints.restore_for_inference(work, config, 'latest', mesh)[2] == step

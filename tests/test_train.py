@@ -236,9 +236,11 @@ def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_pat
   assert checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1)) < 50 * 4
 
 
-def test_ctrl_c_to_the_process_group_with_grain_workers_stops_cleanly(cache_dir, tmp_path):
-  # A terminal's Ctrl-C (and SLURM's signals) reach every process of the group, grain's stream
-  # workers too: they leave the stop to training, which saves and then closes them.
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP], ids=['SIGINT', 'SIGHUP'])
+def test_a_signal_to_the_process_group_with_grain_workers_stops_cleanly(cache_dir, tmp_path, sig):
+  # A terminal's Ctrl-C (and SLURM's signals, and the SIGHUP a shell sends its jobs when its
+  # terminal closes) reach every process of the group, grain's stream workers too: they leave the
+  # stop to training, which saves and then closes them.
   work = tmp_path / 'run'
   proc = subprocess.Popen([sys.executable, '-m', 'colorflax.train', *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
                            '--config.num_epochs=50', '--config.data.placement=streaming', '--config.data.stream_workers=2',
@@ -248,12 +250,52 @@ def test_ctrl_c_to_the_process_group_with_grain_workers_stops_cleanly(cache_dir,
     if line.startswith('training on'):
       break
   time.sleep(3)  # the workers are up and filling their buffers
-  os.killpg(proc.pid, signal.SIGINT)
+  os.killpg(proc.pid, sig)
   out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 130, err[-3000:]
+  assert proc.returncode == 128 + sig, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-  stopped = re.search(r'stopped by SIGINT at step (\d+) ', err)
+  assert 'leaked shared_memory' not in err, err[-3000:]  # the workers lived to free their batches
+  stopped = re.search(rf'stopped by {sig.name} at step (\d+) ', err)
   assert stopped and checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1))
+
+
+@pytest.mark.parametrize('output', ['terminal', 'pipe'])
+def test_lost_output_stops_training_with_a_checkpoint(cache_dir, tmp_path, output):
+  # Training over ssh without tmux, and the connection drops: its terminal hangs up (SIGHUP, then
+  # EIO on every write), or the pipe that carried its output breaks (EPIPE; `ssh host cmd`,
+  # `| tee`). It used to die of the SIGHUP, or of the next progress line's BrokenPipeError,
+  # without a checkpoint (or in the middle of writing one).
+  work = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'colorflax.train', *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
+         '--config.num_epochs=50', f'--workdir={work}']
+  if output == 'terminal':
+    import fcntl
+    import termios
+    reader, child = os.openpty()
+
+    def controlling_terminal():  # as a login shell's job: the pty is its controlling terminal
+      os.setsid()
+      fcntl.ioctl(child, termios.TIOCSCTTY, 0)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=child, stdout=child, stderr=child, preexec_fn=controlling_terminal)
+    os.close(child)
+  else:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    reader = proc.stdout.fileno()
+  seen = b''
+  while b'training on' not in seen:  # the handlers are in place once this line is out
+    chunk = os.read(reader, 4096)
+    assert chunk, seen.decode()[-3000:]
+    seen += chunk
+  if output == 'terminal':
+    os.close(reader)  # the terminal hangs up: SIGHUP to the process that controls it
+  else:
+    proc.stdout.close()  # the next write gets EPIPE
+  assert proc.wait(timeout=600) == {'terminal': 128 + signal.SIGHUP, 'pipe': 128 + signal.SIGPIPE}[output]
+  step = checkpoints.manager(work, read_only=True).latest_step()
+  assert step and sorted(os.listdir(work / 'checkpoints')) == sorted(str(s) for s in
+                                                                     checkpoints.manager(work, read_only=True).all_steps())
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
+  assert checkpoints.restore_for_inference(work, small_config(cache_dir), 'latest', mesh)[2] == step
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(cache_dir, tmp_path):
