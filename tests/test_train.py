@@ -269,14 +269,12 @@ def test_lost_output_stops_training_with_a_checkpoint(cache_dir, tmp_path, outpu
   cmd = [sys.executable, '-m', 'colorflax.train', *_SMALL_RUN_ARGS, f'--config.data.cache_dir={cache_dir}',
          '--config.num_epochs=50', f'--workdir={work}']
   if output == 'terminal':
-    import fcntl
-    import termios
     reader, child = os.openpty()
-
-    def controlling_terminal():  # as a login shell's job: the pty is its controlling terminal
-      os.setsid()
-      fcntl.ioctl(child, termios.TIOCSCTTY, 0)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdin=child, stdout=child, stderr=child, preexec_fn=controlling_terminal)
+    # As a login shell's job: a session of its own whose controlling terminal is the pty (taken
+    # before exec; no preexec_fn, which forks this multithreaded process).
+    take_terminal = 'import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])'
+    proc = subprocess.Popen([sys.executable, '-c', take_terminal, *cmd], cwd=REPO, stdin=child, stdout=child,
+                            stderr=child, start_new_session=True)
     os.close(child)
   else:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
