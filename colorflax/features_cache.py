@@ -6,7 +6,10 @@
 
 `CacheWriter` streams rows straight to disk (memory stays bounded whatever N is) inside
 `CACHE.incomplete/`, and renames it to `CACHE` only when complete, so a killed run never leaves
-a cache that looks finished. `open_cache` memory-maps a finished cache and validates it.
+a cache that looks finished. Meanwhile `CACHE.incomplete/progress.json` records, every few
+seconds, how many rows are safely on disk, so that a run stopped by Ctrl-C, a scheduler or a
+crash is continued by the next one with the same settings. `open_cache` memory-maps a finished
+cache and validates it.
 """
 
 import contextlib
@@ -25,6 +28,8 @@ from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
 MANIFEST = 'manifest.json'
+PROGRESS = 'progress.json'  # in CACHE.incomplete/: how far an interrupted build got
+PROGRESS_EVERY_SECONDS = 2.0  # each record flushes the rows to disk first (fsync)
 FORMAT_VERSION = 1
 _HEADER_BYTES = 128  # fixed-size .npy header, rewritten with the final row count
 
@@ -46,6 +51,24 @@ class _RowFile:
     self.path, self.row_shape, self.dtype, self.rows = path, tuple(row_shape), np.dtype(dtype), 0
     self.f = open(path, 'wb')
     self.f.write(_npy_header((0, *self.row_shape), self.dtype))
+
+  @classmethod
+  def reopen(cls, path, row_shape, dtype, rows):
+    """The file an interrupted build left, cut back to its first `rows` rows, to append to;
+    None if it holds fewer (it did not reach the disk)."""
+    self = cls.__new__(cls)
+    self.path, self.row_shape, self.dtype, self.rows = path, tuple(row_shape), np.dtype(dtype), rows
+    size = _HEADER_BYTES + rows * self.dtype.itemsize * int(np.prod(self.row_shape))
+    if not os.path.isfile(path) or os.path.getsize(path) < size:
+      return None
+    self.f = open(path, 'r+b')
+    self.f.truncate(size)
+    self.f.seek(size)
+    return self
+
+  def sync(self):
+    self.f.flush()
+    os.fsync(self.f.fileno())
 
   def append(self, rows: np.ndarray):
     rows = np.ascontiguousarray(rows, self.dtype)
@@ -75,19 +98,35 @@ def incomplete_dir(cache_dir) -> str:
 
 
 class CacheWriter:
-  """Streams a cache into CACHE.incomplete/ and publishes it with one rename in `finish`."""
+  """Streams a cache into CACHE.incomplete/ and publishes it with one rename in `finish`.
 
-  def __init__(self, cache_dir, image_size, embedding_dim, expected_rows=0):
+  With a `resume_key` (everything the rows depend on), an interrupted build with the same key is
+  continued: `resumed` is then the state its last `record_progress` saved, and the rows written
+  after that record are cut off. Otherwise (and with another key) it starts again cleanly."""
+
+  def __init__(self, cache_dir, image_size, embedding_dim, expected_rows=0, resume_key=None):
     self.final = os.path.abspath(os.path.expanduser(cache_dir))
     self.tmp = incomplete_dir(cache_dir)
     self.row_bytes, self.expected_rows = image_size * image_size * 3 + embedding_dim * 4, expected_rows
+    self.resume_key, self.resumed, self.files = resume_key, None, []
+    images = (os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
+    embeddings = (os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
     with self.writing():
+      progress = _read_json(os.path.join(self.tmp, PROGRESS)) if resume_key is not None else None
+      if progress and progress.get('key') == json.loads(json.dumps(resume_key)):
+        self.images = _RowFile.reopen(*images, progress['rows'])
+        self.embeddings = _RowFile.reopen(*embeddings, progress['rows'])
+        if self.images and self.embeddings:
+          self.resumed = progress['state']
+          return
+        for rows in (self.images, self.embeddings):
+          if rows:
+            rows.f.close()
       if os.path.exists(self.tmp):
-        shutil.rmtree(self.tmp)  # what a killed run left behind: start it again cleanly
+        shutil.rmtree(self.tmp)  # left by a run with other settings (or unusable): start cleanly
       os.makedirs(self.tmp)
-      self.images = _RowFile(os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
-      self.embeddings = _RowFile(os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
-    self.files = []
+      self.images = _RowFile(*images)
+      self.embeddings = _RowFile(*embeddings)
 
   @contextlib.contextmanager
   def writing(self):
@@ -111,6 +150,17 @@ class CacheWriter:
       self.embeddings.append(embeddings)
     self.files.extend(ids)
 
+  def record_progress(self, state: dict):
+    """Saves `state` (what the caller needs to continue) with the rows written so far, once they
+    are on disk: a later run with the same key continues from here."""
+    with self.writing():
+      self.images.sync()
+      self.embeddings.sync()
+      path = os.path.join(self.tmp, PROGRESS)
+      with open(path + '.tmp', 'w') as f:
+        json.dump({'key': self.resume_key, 'rows': self.images.rows, 'state': state}, f)
+      os.replace(path + '.tmp', path)
+
   def finish(self, manifest: dict) -> str:
     with self.writing():
       return self._finish(manifest)
@@ -118,6 +168,8 @@ class CacheWriter:
   def _finish(self, manifest):
     self.images.close()
     self.embeddings.close()
+    if os.path.exists(os.path.join(self.tmp, PROGRESS)):
+      os.remove(os.path.join(self.tmp, PROGRESS))
     manifest = {**manifest, 'format_version': FORMAT_VERSION, 'num_images': self.images.rows,
                 'files': self.files}
     with open(os.path.join(self.tmp, MANIFEST), 'w') as f:
@@ -133,6 +185,15 @@ class CacheWriter:
     else:
       os.replace(self.tmp, self.final)
     return self.final
+
+  def keep(self):
+    """Closes the files of an interrupted build, leaving it (and its last progress record) for
+    the next run to continue."""
+    for rows in (self.images, self.embeddings):
+      try:
+        rows.f.close()
+      except OSError:
+        pass
 
   def abort(self):
     """Closes and deletes the partial cache (a run killed outright leaves it for the next to clear)."""
@@ -178,6 +239,15 @@ class Cache:
     return self.manifest['embedding_dim']
 
 
+def _read_json(path):
+  """The file's JSON, or None if it is missing or damaged (a progress record is only a hint)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def read_manifest(cache_dir):
   path = os.path.join(os.path.expanduser(cache_dir), MANIFEST)
   try:
@@ -201,8 +271,10 @@ def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_featur
                     if not p.endswith('.incomplete') and read_manifest(os.path.join(parts_root(cache_dir), p)))
       raise UserError(f'{cache_dir} is a sharded cache that has not been merged ({len(done)} finished part(s) in '
                       f'{parts_root(cache_dir)}); finish every shard, then run: {precompute_hint} --merge')
-    partial = ' (an interrupted run left ' + incomplete_dir(cache_dir) + ')' if os.path.exists(incomplete_dir(cache_dir)) else ''
-    raise UserError(f'no features cache at {cache_dir}{partial}; build it with: {precompute_hint}')
+    if os.path.exists(incomplete_dir(cache_dir)):
+      raise UserError(f'no features cache at {cache_dir} (an interrupted run left {incomplete_dir(cache_dir)}); '
+                      f'finish it with: {precompute_hint} (the same settings continue from where it stopped)')
+    raise UserError(f'no features cache at {cache_dir}; build it with: {precompute_hint}')
   if manifest.get('format_version') != FORMAT_VERSION:
     raise UserError(f'{cache_dir} has cache format {manifest.get("format_version")}, expected {FORMAT_VERSION}; '
                     f'rebuild it: {precompute_hint} --overwrite')

@@ -2,7 +2,9 @@
 computed once in torch and cached beside the resized image, so training never runs Inception.
 
 Decoding and resizing run in worker processes; the main process batches the results through
-Inception (CUDA when present, else every CPU core) and streams rows into the cache.
+Inception (CUDA when present, else every CPU core) and streams rows into the cache. A build
+that was stopped (Ctrl-C, SIGTERM, kill -9) is continued by the same command from its last
+progress record (features_cache.CacheWriter).
 """
 
 import collections
@@ -112,15 +114,34 @@ def precompute(config, overwrite=False, progress=True):
   dim = EMBEDDING_DIMS[config.features.kind]
   n = len(source.ids)
   begin, end = shard_range(n, shard, shards)
-  writer = features_cache.CacheWriter(out_dir, config.data.image_size, dim, expected_rows=end - begin)
-  skipped, pending, pending_ids = [], [], []
+  # Everything the rows depend on: an interrupted build with the same key is continued.
+  resume_key = {'fingerprint': fp, 'rows': [begin, end], 'inception_weights': weights_used}
+  writer = features_cache.CacheWriter(out_dir, config.data.image_size, dim, expected_rows=end - begin,
+                                      resume_key=resume_key)
+  skipped, pending = [], []  # (source row, {'path', 'reason'}), (source row, image): in source order
+  start_at = begin
+  if writer.resumed:
+    start_at = writer.resumed['next_index']
+    skipped = [(i, entry) for i, entry in writer.resumed['skipped']]
+    skipped_rows = {i for i, _ in skipped}
+    writer.files = [source.ids[i] for i in range(begin, start_at) if i not in skipped_rows]
+    if len(writer.files) != writer.images.rows:
+      raise UserError(f'the interrupted build in {writer.tmp} does not add up ({writer.images.rows} rows for '
+                      f'{len(writer.files)} images); delete it and run again')
+    print(f'continuing the interrupted build in {writer.tmp}: {start_at - begin} of {end - begin} images done')
+  recorded = [start_at]  # the source row the last progress record continues from
   bs = config.features.batch_size
 
   def flush(final=False):
     while len(pending) >= bs or (final and pending):
-      imgs, ids = np.stack(pending[:bs]), pending_ids[:bs]
-      del pending[:bs], pending_ids[:bs]
-      writer.append(imgs, inception.embed(model, inception.preprocess(imgs), config.features.kind), ids)
+      rows, imgs = [i for i, _ in pending[:bs]], np.stack([image for _, image in pending[:bs]])
+      del pending[:bs]
+      writer.append(imgs, inception.embed(model, inception.preprocess(imgs), config.features.kind),
+                    [source.ids[i] for i in rows])
+
+  def record(next_index):
+    writer.record_progress({'next_index': next_index, 'skipped': [[i, e] for i, e in skipped if i < next_index]})
+    recorded[0] = next_index
 
   workers = config.features.num_workers or os.cpu_count() or 1
   settings_for_workers = (source, config.data.image_size, config.data.resize, config.data.skip_grayscale,
@@ -130,7 +151,10 @@ def precompute(config, overwrite=False, progress=True):
   try:
     # The source (with its list of ids) goes to each worker once.
     with ctx.Pool(workers, initializer=_init_worker, initargs=settings_for_workers) as pool:
-      if weights_used.startswith('random'):
+      stats = os.path.join(writer.tmp, inception.CALIBRATION_FILE)
+      if weights_used.startswith('random') and writer.resumed and os.path.isfile(stats):
+        model.load_state_dict(torch.load(stats, map_location='cpu', weights_only=True), strict=False)
+      elif weights_used.startswith('random'):
         # Calibrate on the first usable images of the whole source, so that every shard (and a
         # single run) ends up with the same network.
         first = []
@@ -142,22 +166,31 @@ def precompute(config, overwrite=False, progress=True):
         inception.calibrate(model, [inception.preprocess(np.stack(b)) for b in _batches(first, bs)])
         # Colorization must see the same network: keep its calibrated statistics with the cache.
         with writer.writing():
-          inception.save_batchnorm_stats(model, os.path.join(writer.tmp, inception.CALIBRATION_FILE))
-      with reporting.progress_bar(total=end - begin, unit='img', disable=not progress, desc='precompute',
-                                  smoothing=0.1) as bar:
-        for i, image, reason in _decoded(pool, begin, end, workers):
+          inception.save_batchnorm_stats(model, stats)
+        record(start_at)  # a run stopped before its first rows keeps the calibration
+      last_record = time.time()
+      with reporting.progress_bar(total=end - begin, initial=start_at - begin, unit='img', disable=not progress,
+                                  desc='precompute', smoothing=0.1) as bar:
+        for i, image, reason in _decoded(pool, start_at, end, workers):
           if reason is not None:
-            skipped.append({'path': source.ids[i], 'reason': reason})
+            skipped.append((i, {'path': source.ids[i], 'reason': reason}))
           else:
-            pending.append(image)
-            pending_ids.append(source.ids[i])
+            pending.append((i, image))
             flush()
+          if time.time() - last_record >= features_cache.PROGRESS_EVERY_SECONDS:
+            record(pending[0][0] if pending else i + 1)
+            last_record = time.time()
           bar.update(1)
           bar.set_postfix(skipped=len(skipped), refresh=False)
       flush(final=True)
+  except KeyboardInterrupt:
+    writer.keep()
+    raise Interrupted(f'interrupted after {recorded[0] - begin} of {end - begin} images, which are kept: run the '
+                      f'same command again to continue (or delete {writer.tmp} to start over)') from None
   except BaseException:
-    writer.abort()
+    writer.keep()  # a full disk has deleted it already; anything else can be continued
     raise
+  skipped = [entry for _, entry in skipped]
   if writer.images.rows == 0 and shards == 1:
     writer.abort()
     reasons = sorted({s['reason'] for s in skipped})
@@ -183,13 +216,17 @@ def precompute(config, overwrite=False, progress=True):
   elapsed = time.time() - start
   print(f'cached {writer.images.rows} images ({len(skipped)} skipped) at {config.data.image_size}px with '
         f'{config.features.kind} features [{weights_used}] in {out_dir}: '
-        f'{elapsed:.1f}s, {(end - begin) / max(elapsed, 1e-9):.1f} img/s')
+        f'{elapsed:.1f}s, {(end - start_at) / max(elapsed, 1e-9):.1f} img/s')
   if skipped:
     print(f'skipped: {skip_summary(skipped)}; each file and its reason is in {out_dir}/manifest.json')
   if shards > 1:
     print(f'shard {shard + 1} of {shards} done; when all are, join them: '
           f'python -m colorflax.precompute_features --config ... --merge')
   return out_dir
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during a build; the message says what the next run continues from."""
 
 
 def skip_summary(skipped) -> str:
@@ -253,7 +290,10 @@ def main(argv):
   if _MERGE.value:
     merge(config)
   else:
-    precompute(config, overwrite=_OVERWRITE.value, progress=True)
+    try:
+      precompute(config, overwrite=_OVERWRITE.value, progress=True)
+    except Interrupted as e:
+      cli.fail(str(e), code=130)
 
 
 def entry_point():

@@ -1,6 +1,7 @@
 import errno
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,23 +307,66 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   assert features_cache.open_cache(cache).num_images == 8 and not os.path.exists(partial)
 
 
-def test_ctrl_c_is_one_line_and_leaves_no_partial_cache(tmp_path):
+def test_ctrl_c_keeps_the_images_done_and_the_same_command_continues(tmp_path):
   # Ctrl-C reaches the whole process group, the decode workers too: only the main process speaks.
   cache = tmp_path / 'cache'
-  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
-                           f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400',
-                           '--config.data.image_size=32', '--config.features.batch_size=4',
-                           '--config.features.num_workers=2', '--config.features.calibration_images=4'],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-  partial = os.path.join(features_cache.incomplete_dir(cache), 'embeddings.npy')
+  cmd = [sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
+         f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400', '--config.data.image_size=32',
+         '--config.features.batch_size=4', '--config.features.num_workers=2', '--config.features.calibration_images=4']
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  progress = os.path.join(features_cache.incomplete_dir(cache), features_cache.PROGRESS)
   deadline = time.time() + 120
-  while time.time() < deadline and not (os.path.exists(partial) and os.path.getsize(partial) > 128 + 4 * 1000 * 8):
-    time.sleep(0.1)  # rows are being written
+  while time.time() < deadline and not (os.path.exists(progress) and '"rows": 0,' not in open(progress).read()):
+    time.sleep(0.1)  # rows have been recorded
   os.killpg(proc.pid, signal.SIGINT)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'precompute_features.py: error: interrupted', err[-3000:]
+  last = err.strip().splitlines()[-1]
+  stopped = re.fullmatch(r'precompute_features\.py: error: interrupted after (\d+) of 400 images, which are kept: run '
+                         r'the same command again to continue \(or delete .+\.incomplete to start over\)', last)
+  assert proc.returncode == 130 and stopped, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-  assert not os.path.exists(features_cache.incomplete_dir(cache)) and not cache.exists()
+  assert 0 < int(stopped.group(1)) < 400 and not cache.exists()
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f': {stopped.group(1)} of 400 images done' in r.stdout, r.stdout
+  cached = features_cache.open_cache(cache)
+  assert cached.manifest['files'] == [f'synthetic:{i}' for i in range(400)]
+  assert cached.num_images == 400 and not os.path.exists(features_cache.incomplete_dir(cache))
+  assert sorted(os.listdir(cache)) == ['embeddings.npy', 'images.npy', 'inception_batchnorm.pth', 'manifest.json']
+
+
+def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(mixed_folder, weights_pth, tmp_path,
+                                                                               monkeypatch, capsys):
+  # A folder whose last good image comes after its 5 skipped files. The run stops inside that
+  # image's write, after its row reached the file but before a progress record covered it (as a
+  # kill would): the next run cuts it off, keeps the skipped files' record, and continues.
+  over = {'features.inception_weights': weights_pth, 'features.batch_size': 1}
+  whole = precompute_features.precompute(_config(mixed_folder, tmp_path / 'whole', **over), progress=False)
+  config = _config(mixed_folder, tmp_path / 'cache', **over)
+  monkeypatch.setattr(features_cache, 'PROGRESS_EVERY_SECONDS', 0.0)
+  real_append, calls = features_cache.CacheWriter.append, []
+
+  def append_then_stop(writer, *args):
+    real_append(writer, *args)
+    calls.append(writer.images.rows)
+    if len(calls) == 6:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
+  with pytest.raises(precompute_features.Interrupted, match='interrupted after [1-9]'):
+    precompute_features.precompute(config, progress=False)
+  partial = features_cache.incomplete_dir(config.data.cache_dir)
+  recorded = features_cache._read_json(os.path.join(partial, features_cache.PROGRESS))
+  assert recorded['rows'] == 5 < os.path.getsize(os.path.join(partial, 'images.npy')) // (32 * 32 * 3)
+  assert len(recorded['state']['skipped']) == 5
+  monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
+  capsys.readouterr()
+  precompute_features.precompute(config, progress=False)
+  assert 'continuing the interrupted build' in capsys.readouterr().out
+  for name in ('images.npy', 'embeddings.npy', 'manifest.json', inception.CALIBRATION_FILE):
+    if os.path.exists(os.path.join(whole, name)):
+      assert (tmp_path / 'cache' / name).read_bytes() == open(os.path.join(whole, name), 'rb').read(), name
+  assert features_cache.open_cache(config.data.cache_dir).manifest['skipped']  # carried over the stop
 
 
 def test_writer_memory_stays_bounded(tmp_path):
