@@ -113,7 +113,8 @@ class CacheWriter:
     embeddings = (os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
     with self.writing():
       progress = _read_json(os.path.join(self.tmp, PROGRESS)) if resume_key is not None else None
-      if progress and progress.get('key') == json.loads(json.dumps(resume_key)):
+      if (isinstance(progress, dict) and progress.get('key') == json.loads(json.dumps(resume_key))
+          and isinstance(progress.get('rows'), int) and isinstance(progress.get('state'), dict)):
         self.images = _RowFile.reopen(*images, progress['rows'])
         self.embeddings = _RowFile.reopen(*embeddings, progress['rows'])
         if self.images and self.embeddings:
@@ -196,7 +197,8 @@ class CacheWriter:
         pass
 
   def abort(self):
-    """Closes and deletes the partial cache (a run killed outright leaves it for the next to clear)."""
+    """Closes and deletes the partial cache (a run killed outright leaves it for the next run,
+    which continues it or clears it)."""
     for rows in (getattr(self, 'images', None), getattr(self, 'embeddings', None)):
       if rows is not None and not rows.f.closed:
         try:
