@@ -419,13 +419,28 @@ def test_auto_weights_fall_back_to_random_loudly(tmp_path, monkeypatch, capsys):
     inception.load_model('imagenet')
 
 
-def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path):
+def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, capsys):
   over = {'data.synthetic_images': 20, 'features.inception_weights': 'random', 'features.calibration_images': 8}
   single = _config('synthetic', tmp_path / 'single', **over)
   precompute_features.precompute(single, progress=False)
   sharded = _config('synthetic', tmp_path / 'sharded', **over, **{'features.num_shards': 2})
   sharded.features.shard_index = 1  # shards may finish in any order, on any machine
+  # Shard 1 (rows 10-19) is stopped inside its second batch's write, after the last record (4
+  # rows), and continued from there: its own offsets, and the calibration its stopped run saved.
+  monkeypatch.setattr(features_cache, 'PROGRESS_EVERY_SECONDS', 0.0)
+  real_append = features_cache.CacheWriter.append
+
+  def append_then_stop(writer, *args):
+    real_append(writer, *args)
+    if writer.images.rows == 8:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
+  with pytest.raises(precompute_features.Interrupted, match='interrupted after 4 of 10 images'):
+    precompute_features.precompute(sharded, progress=False)
+  monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
+  capsys.readouterr()
   precompute_features.precompute(sharded, progress=False)
+  assert 'part-00001-of-00002.incomplete: 4 of 10 images done' in capsys.readouterr().out
   with pytest.raises(UserError, match=r'shard\(s\) \[0\] of 2 are not finished'):
     precompute_features.merge(sharded)
   with pytest.raises(UserError, match='has not been merged'):
