@@ -23,6 +23,8 @@ _WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) wor
 _OUTPUT = cli.define_string('output', None, 'Folder for the colorized PNGs (created if needed).')
 _CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
 _SIZE = cli.define_integer('size', 0, 'Working resolution (multiple of 8); 0 = the training image size.')
+_SKIP_EXISTING = cli.define_bool('skip_existing', False, 'Leave the inputs whose output PNG is there already, '
+                                 'e.g. to finish an interrupted run (outputs are only ever complete files).')
 
 
 def expand_inputs(inputs, output=None):
@@ -175,8 +177,9 @@ def recombine(l_full, ab_small):
 
 
 def colorize(workdir, config, inputs, output, which='best', size=0, inception_weights=None, batch_size=8,
-             progress=True):
-  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)]).
+             progress=True, skip_existing=False):
+  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)], outputs
+  left as they were because `skip_existing` found them).
 
   `inception_weights` overrides the features' recorded weights (None: use the record)."""
   # Checked before the model loads: a bad --output is found in a second, not after the first batch.
@@ -190,7 +193,7 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     raise UserError(f'--output {output}: cannot create the folder ({e.strerror or e})') from None
   input_paths = {p for p, _, _ in items}
   colorizer = Colorizer(workdir, config, which, size, inception_weights)
-  written, failed = [], []
+  written, failed, kept = [], [], []
   batch = []
 
   def flush():
@@ -219,6 +222,9 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     if os.path.abspath(out) in input_paths:
       failed.append((path, f'refusing to overwrite an input: {out}'))
       continue
+    if skip_existing and os.path.isfile(out):  # written aside and renamed: an existing output is whole
+      kept.append(out)
+      continue
     try:
       if os.path.getsize(path) == 0:
         raise image_io.SkipImage('empty file')
@@ -230,7 +236,7 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     if len(batch) >= batch_size:
       flush()
   flush()
-  return written, failed
+  return written, failed, kept
 
 
 def main(argv):
@@ -242,11 +248,14 @@ def main(argv):
     raise UserError('give at least one input image or folder')
   config = cli.load_workdir_config(_WORKDIR.value)
   overridden = 'features.inception_weights' in cli.override_values()
-  written, failed = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value,
-                             config.features.inception_weights if overridden else None)
+  written, failed, kept = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value,
+                                   config.features.inception_weights if overridden else None,
+                                   skip_existing=_SKIP_EXISTING.value)
   for path, reason in failed:
     print(f'skipped {path}: {reason}')
-  print(f'colorized {len(written)} image(s) into {_OUTPUT.value}' + (f'; {len(failed)} failed' if failed else ''))
+  print(f'colorized {len(written)} image(s) into {_OUTPUT.value}'
+        + (f'; {len(kept)} already there (--skip_existing)' if kept else '')
+        + (f'; {len(failed)} failed' if failed else ''))
   return 1 if failed else 0
 
 

@@ -65,7 +65,7 @@ def test_colorize_run_again_into_a_folder_inside_its_input(trained, tmp_path):
     inputs = _inputs(tmp_path / case / 'in')
     output = inputs / subfolder
     for _ in range(2):
-      written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(output), progress=False)
+      written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(output), progress=False)
       assert sorted(os.path.relpath(p, output) for p in written) == ['in/odd_landscape.png', 'in/portrait_gray.png']
       assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
     _assert_colorized(inputs, output / 'in')
@@ -224,11 +224,27 @@ def _assert_colorized(inputs, outputs):
 def test_colorize_keeps_size_and_lightness(trained, tmp_path):
   root, config = trained
   inputs = _inputs(tmp_path / 'in')
-  written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'),
+                                         progress=False)
   assert len(written) == 2 and [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
   _assert_colorized(inputs, tmp_path / 'out' / 'in')
   colourful = np.asarray(Image.open(tmp_path / 'out' / 'in' / 'odd_landscape.png'), np.float32) / 255.0
   assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
+
+
+def test_colorize_skip_existing_finishes_an_interrupted_run(trained, tmp_path):
+  root, config = trained
+  inputs, out = _inputs(tmp_path / 'in'), tmp_path / 'out'
+  colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False)
+  os.remove(out / 'in' / 'portrait_gray.png')  # the run was stopped before this one
+  before = os.stat(out / 'in' / 'odd_landscape.png').st_mtime_ns
+  written, failed, kept = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False,
+                                            skip_existing=True)
+  assert [os.path.relpath(p, out) for p in written] == ['in/portrait_gray.png']
+  assert [os.path.relpath(p, out) for p in kept] == ['in/odd_landscape.png']
+  assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']  # failures are tried again
+  assert os.stat(out / 'in' / 'odd_landscape.png').st_mtime_ns == before
+  _assert_colorized(inputs, out / 'in')
 
 
 def test_no_two_inputs_get_the_same_output_name(tmp_path):
@@ -279,7 +295,8 @@ def test_colorize_output_that_cannot_be_written(trained, tmp_path):
     colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'a_file'), progress=False)
   assert (tmp_path / 'a_file').read_text() == 'keep me'
   (tmp_path / 'out' / 'in' / 'odd_landscape.png').mkdir(parents=True)  # a folder where one output goes
-  written, failed = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'),
+                                         progress=False)
   assert [os.path.basename(p) for p in written] == ['portrait_gray.png']  # the others are still written
   reasons = {os.path.basename(p): r for p, r in failed}
   assert set(reasons) == {'broken.jpg', 'odd_landscape.jpg'} and reasons['odd_landscape.jpg'].startswith('cannot write')
