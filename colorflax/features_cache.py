@@ -190,21 +190,17 @@ class CacheWriter:
   def keep(self):
     """Closes the files of an interrupted build, leaving it (and its last progress record) for
     the next run to continue."""
-    for rows in (self.images, self.embeddings):
-      try:
-        rows.f.close()
-      except OSError:
-        pass
-
-  def abort(self):
-    """Closes and deletes the partial cache (a run killed outright leaves it for the next run,
-    which continues it or clears it)."""
     for rows in (getattr(self, 'images', None), getattr(self, 'embeddings', None)):
       if rows is not None and not rows.f.closed:
         try:
           rows.f.close()
-        except OSError:  # its buffered rows cannot be flushed to a full disk: it is deleted anyway
+        except OSError:  # its buffered rows cannot be flushed (a full disk): the record predates them
           pass
+
+  def abort(self):
+    """Closes and deletes the partial cache (a run killed outright leaves it for the next run,
+    which continues it or clears it)."""
+    self.keep()
     shutil.rmtree(self.tmp, ignore_errors=True)
 
 

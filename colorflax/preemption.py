@@ -75,8 +75,8 @@ class StopRequest:
     target = _file_id(fd)
     lost = [n for n in (1, 2) if target is not None and _file_id(n) == target]
     null = os.open(os.devnull, os.O_WRONLY)
-    for fd in lost:
-      os.dup2(null, fd)
+    for n in lost:
+      os.dup2(null, n)
     os.close(null)
     if self.signal_name is None:
       if _distributed():

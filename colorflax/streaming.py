@@ -134,7 +134,6 @@ def _leave_stop_signals_to_training(worker_index, worker_count):
   signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-
 def _start_resource_tracker_without_sighup():
   """The workers' shared memory is registered with multiprocessing's resource tracker, a process
   of the same group. Python keeps SIGINT and SIGTERM from it, not SIGHUP: on a closed terminal

@@ -317,7 +317,7 @@ def test_ctrl_c_keeps_the_images_done_and_the_same_command_continues(tmp_path):
                           start_new_session=True)
   progress = os.path.join(features_cache.incomplete_dir(cache), features_cache.PROGRESS)
   deadline = time.time() + 120
-  while time.time() < deadline and not (os.path.exists(progress) and '"rows": 0,' not in open(progress).read()):
+  while time.time() < deadline and not (features_cache._read_json(progress) or {}).get('rows'):
     time.sleep(0.1)  # rows have been recorded
   os.killpg(proc.pid, signal.SIGINT)
   _, err = proc.communicate(timeout=120)
