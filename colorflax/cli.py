@@ -1,9 +1,14 @@
 """What every entry point shares: `--config` with `--config.a.b=value` overrides, validation
-before any heavy work, and one-line errors (exit code 2) for bad input instead of tracebacks."""
+before any heavy work, one-line errors (exit code 2) for bad input instead of tracebacks, and a
+clean stop when the work is stopped from outside (Ctrl-C, SIGTERM, SIGHUP, a lost terminal)."""
 
+import contextlib
+import errno
 import os
 import re
+import signal
 import sys
+import threading
 
 from absl import flags
 from ml_collections import config_flags
@@ -66,8 +71,159 @@ def define_integer(name, default, help_text, lower_bound=0):
 
 def fail(message: str, code: int = EXIT_USAGE):
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
-  print(f'{prog}: error: {message}', file=sys.stderr)
+  try:
+    print(f'{prog}: error: {message}', file=sys.stderr)
+  except OSError:  # stderr is gone (outside `run`, which guards it): the exit code still says it
+    pass
   sys.exit(code)
+
+
+class Stopped(KeyboardInterrupt):
+  """SIGTERM (a scheduler's notice, `kill`) or SIGHUP (the terminal closed), raised in the main
+  thread wherever the work is, as Ctrl-C raises KeyboardInterrupt: the same cleanup runs."""
+
+  def __init__(self, signum):
+    self.signal_name = signal.Signals(signum).name
+    self.exit_code = 128 + signum
+    super().__init__(self.signal_name)
+
+
+def stop_reason(e: KeyboardInterrupt):
+  """('interrupted', 130) for Ctrl-C; ('stopped by SIGTERM', 143) and so on for a `Stopped`."""
+  if isinstance(e, Stopped):
+    return f'stopped by {e.signal_name}', e.exit_code
+  return 'interrupted', 130
+
+
+class Interrupted(KeyboardInterrupt):
+  """Work stopped by Ctrl-C or a signal (`cause`); the message says what was kept and how to
+  go on, and `run` prints it as the one line, with the signal's exit code."""
+
+  def __init__(self, message, cause: KeyboardInterrupt):
+    reason, self.exit_code = stop_reason(cause)
+    super().__init__(f'{reason} {message}')
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """Within: SIGTERM and SIGHUP raise `Stopped`. A second one acts as it would have without this
+  (by default it kills), for cleanup that hangs. A signal ignored on entry (SIGHUP under nohup)
+  stays ignored; handlers can only be set from the main thread (elsewhere this does nothing)."""
+  previous = {}
+
+  def handle(signum, frame):
+    signal.signal(signum, previous[signum])
+    raise Stopped(signum)
+
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      if signal.getsignal(sig) is not signal.SIG_IGN:
+        previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL  # None: set outside Python
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def start_resource_tracker_without_sighup():
+  """Call before starting worker processes (grain's, precompute's). Their shared memory and
+  semaphores are registered with multiprocessing's resource tracker, a process of the same
+  group. Python keeps SIGINT and SIGTERM from it, not SIGHUP: on a closed terminal it died, and
+  the one started in its place printed a traceback for every block freed after. Started with
+  SIGHUP ignored (a disposition kept across exec), it outlives the hangup too."""
+  from multiprocessing import resource_tracker
+  if threading.current_thread() is not threading.main_thread():
+    return  # signal.signal would refuse; the tracker starts as Python starts it
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    resource_tracker.ensure_running()
+  finally:
+    signal.signal(signal.SIGHUP, previous or signal.SIG_DFL)
+
+
+class _GuardedStream:
+  """sys.stdout or sys.stderr within `output_guarded`: a write that fails for good calls
+  `_output_lost` instead of raising (from print, tqdm's bar, logging)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def _guard(self, method, *args):
+    try:
+      return method(*args)
+    except OSError as e:
+      if e.errno not in (errno.EIO, errno.EPIPE):
+        raise
+      _output_lost(e, _fileno(self._stream))
+      return len(args[0]) if args else None
+
+  def write(self, text):
+    return self._guard(self._stream.write, text)
+
+  def flush(self):
+    return self._guard(self._stream.flush)
+
+  def __getattr__(self, name):  # isatty, encoding, fileno, ...
+    return getattr(self._stream, name)
+
+
+_output_lost_listeners = []
+
+
+def _output_lost(error, fd):
+  """A write to file descriptor `fd` failed with EIO or EPIPE: every standard stream on that file
+  (a terminal, a pipe) now writes to /dev/null, also for Python's flush at exit, which would
+  otherwise turn the exit code into 120; then the listeners hear of it."""
+  target = _file_id(fd)
+  lost = [n for n in (1, 2) if target is not None and _file_id(n) == target]
+  null = os.open(os.devnull, os.O_WRONLY)
+  for n in lost:
+    os.dup2(null, n)
+  os.close(null)
+  for listener in list(_output_lost_listeners):
+    listener(error)
+
+
+@contextlib.contextmanager
+def output_guarded(on_lost=None):
+  """Within: output that can no longer be written (the terminal hung up: EIO; the pipe broke:
+  EPIPE, as when an ssh connection drops or `| tee` is killed) is dropped instead of raising,
+  so the work goes on and its files are written; `on_lost(error)` is called if given. Nests:
+  an inner use adds its listener to the streams the outer one guards."""
+  wrapped = []
+  for name in ('stdout', 'stderr'):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _GuardedStream):
+      wrapped.append((name, stream))
+      setattr(sys, name, _GuardedStream(stream))
+  if on_lost is not None:
+    _output_lost_listeners.append(on_lost)
+  try:
+    yield
+  finally:
+    if on_lost is not None:
+      _output_lost_listeners.remove(on_lost)
+    for name, stream in wrapped:
+      if isinstance(getattr(sys, name), _GuardedStream):
+        setattr(sys, name, stream)
+
+
+def _fileno(stream):
+  try:
+    return stream.fileno()
+  except (AttributeError, OSError, ValueError):  # pytest's capture, a closed stream
+    return None
+
+
+def _file_id(fd):
+  if fd is None:
+    return None
+  try:
+    st = os.fstat(fd)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
 
 
 def _unknown_key_message(exc, argv):
@@ -177,7 +333,9 @@ def help_text(module='__main__') -> str:
 
 def run(main):
   """Parses flags and calls `main(argv)`; UserError -> one line on stderr and exit code 2.
-  `--help` / `-h` print the entry point's `help_text` and exit 0.
+  `--help` / `-h` print the entry point's `help_text` and exit 0. Ctrl-C, SIGTERM and SIGHUP
+  stop the work with one line (`Interrupted`'s, if the work raised one) and exit code 128 + the
+  signal; output that can no longer be written is dropped (`output_guarded`).
 
   Exceptions raised where no one can catch them (callbacks of background threads: Python calls
   them "unraisable") are held back until the end. After a one-line error they are dropped: they
@@ -191,15 +349,20 @@ def run(main):
   default_hook, held, one_line_error = sys.unraisablehook, [], False
   sys.unraisablehook = held.append
   try:
-    code = main(argv)
-  except UserError as e:
-    one_line_error = True
-    import logging
-    logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
-    fail(str(e))
-  except KeyboardInterrupt:
-    one_line_error = True
-    fail('interrupted', code=130)
+    with stop_on_signals(), output_guarded():
+      try:
+        code = main(argv)
+      except UserError as e:
+        one_line_error = True
+        import logging
+        logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
+        fail(str(e))
+      except Interrupted as e:
+        one_line_error = True
+        fail(str(e), code=e.exit_code)
+      except KeyboardInterrupt as e:
+        one_line_error = True
+        fail(*stop_reason(e))
   finally:
     if not one_line_error:  # success, or a crash whose traceback they may help explain
       sys.unraisablehook = default_hook

@@ -202,40 +202,48 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
     ab = colorizer.colorize_batch([g for _, _, g, _ in batch])
     for (path, out, _, l_full), ab_small in zip(batch, ab):
       rgb = recombine(l_full, ab_small)
-      try:  # written aside, then renamed: a full disk never leaves a cut-off PNG under the real name
+      aside = out + '.tmp.png'
+      try:  # written aside, then renamed: a full disk or Ctrl-C never leaves a cut-off PNG behind
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        Image.fromarray(rgb).save(out + '.tmp.png')
-        os.replace(out + '.tmp.png', out)
+        Image.fromarray(rgb).save(aside)
+        os.replace(aside, out)
       except OSError as e:
-        if os.path.isfile(out + '.tmp.png'):
-          os.remove(out + '.tmp.png')
         failed.append((path, f'cannot write {out}: {e.strerror or e}'))
         continue
+      finally:
+        if os.path.isfile(aside):
+          os.remove(aside)
       written.append(out)
     batch.clear()
 
-  for path, name, why_not in reporting.progress_bar(items, desc='colorize', unit='img', disable=not progress):
-    if name is None:
-      failed.append((path, why_not))
-      continue
-    out = os.path.join(output, name)
-    if os.path.abspath(out) in input_paths:
-      failed.append((path, f'refusing to overwrite an input: {out}'))
-      continue
-    if skip_existing and os.path.isfile(out):  # written aside and renamed: an existing output is whole
-      kept.append(out)
-      continue
-    try:
-      if os.path.getsize(path) == 0:
-        raise image_io.SkipImage('empty file')
-      gray, l_full = _full_res_gray(path)
-    except (image_io.SkipImage, OSError) as e:
-      failed.append((path, str(e)))
-      continue
-    batch.append((path, out, gray, l_full))
-    if len(batch) >= batch_size:
-      flush()
-  flush()
+  try:
+    for path, name, why_not in reporting.progress_bar(items, desc='colorize', unit='img', disable=not progress):
+      if name is None:
+        failed.append((path, why_not))
+        continue
+      out = os.path.join(output, name)
+      if os.path.abspath(out) in input_paths:
+        failed.append((path, f'refusing to overwrite an input: {out}'))
+        continue
+      if skip_existing and os.path.isfile(out):  # written aside and renamed: an existing output is whole
+        kept.append(out)
+        continue
+      try:
+        if os.path.getsize(path) == 0:
+          raise image_io.SkipImage('empty file')
+        gray, l_full = _full_res_gray(path)
+      except (image_io.SkipImage, OSError) as e:
+        failed.append((path, str(e)))
+        continue
+      batch.append((path, out, gray, l_full))
+      if len(batch) >= batch_size:
+        flush()
+    flush()
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (cli.Stopped)
+    done = len(written) + len(kept)
+    raise cli.Interrupted(f'with {done} of {len(items)} images colorized in {output} (each output complete; '
+                          f'{len(written)} by this run): run the same command with --skip_existing to do the rest',
+                          e) from None
   return written, failed, kept
 
 

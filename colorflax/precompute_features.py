@@ -4,10 +4,13 @@ computed once in torch and cached beside the resized image, so training never ru
 Decoding and resizing run in worker processes; the main process batches the results through
 Inception (CUDA when present, else every CPU core) and streams rows into the cache. A build
 that was stopped (Ctrl-C, SIGTERM, kill -9) is continued by the same command from its last
-progress record (features_cache.CacheWriter).
+progress record (features_cache.CacheWriter); stopped by Ctrl-C, SIGTERM or SIGHUP, it says how
+many images it keeps.
 """
 
 import collections
+import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import re
@@ -69,6 +72,22 @@ def _batches(images, size):
     yield images[i:i + size]
 
 
+@contextlib.contextmanager
+def _decode_pool(workers, settings):
+  """The decode worker processes. concurrent.futures rather than multiprocessing.Pool: when a
+  worker dies (SLURM's SIGTERM reaches every process of the job), Pool's terminate waits for
+  ever on the queue lock the dead worker held; this pool is just broken. On the way out the
+  queued tasks are dropped and the running ones finish."""
+  ctx = multiprocessing.get_context('spawn')  # no fork after torch has started its threads
+  cli.start_resource_tracker_without_sighup()
+  # The source (with its list of ids) goes to each worker once.
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=settings)
+  try:
+    yield pool
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _decoded(pool, begin, end, workers):
   """(index, uint8 image or None, skip reason or None) for source rows [begin, end), in order.
 
@@ -77,11 +96,11 @@ def _decoded(pool, begin, end, workers):
   """
   chunk, outstanding = 16, collections.deque()
   for lo in range(begin, end, chunk):
-    outstanding.append(pool.apply_async(_prepare_range, (lo, min(lo + chunk, end))))
+    outstanding.append(pool.submit(_prepare_range, lo, min(lo + chunk, end)))
     if len(outstanding) >= 4 * workers:
-      yield from outstanding.popleft().get()
+      yield from outstanding.popleft().result()
   while outstanding:
-    yield from outstanding.popleft().get()
+    yield from outstanding.popleft().result()
 
 
 def shard_range(n, shard, shards):
@@ -147,10 +166,8 @@ def precompute(config, overwrite=False, progress=True):
   settings_for_workers = (source, config.data.image_size, config.data.resize, config.data.skip_grayscale,
                           config.data.max_image_pixels)
   start = time.time()
-  ctx = multiprocessing.get_context('spawn')  # no fork after torch has started its threads
   try:
-    # The source (with its list of ids) goes to each worker once.
-    with ctx.Pool(workers, initializer=_init_worker, initargs=settings_for_workers) as pool:
+    with _decode_pool(workers, settings_for_workers) as pool:
       stats = os.path.join(writer.tmp, inception.CALIBRATION_FILE)
       if weights_used.startswith('random') and writer.resumed and os.path.isfile(stats):
         model.load_state_dict(torch.load(stats, map_location='cpu', weights_only=True), strict=False)
@@ -183,10 +200,14 @@ def precompute(config, overwrite=False, progress=True):
           bar.update(1)
           bar.set_postfix(skipped=len(skipped), refresh=False)
       flush(final=True)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (cli.Stopped)
     writer.keep()
-    raise Interrupted(f'interrupted after {recorded[0] - begin} of {end - begin} images, which are kept: run the '
-                      f'same command again to continue (or delete {writer.tmp} to start over)') from None
+    raise cli.Interrupted(f'after {recorded[0] - begin} of {end - begin} images, which are kept: run the same '
+                          f'command again to continue (or delete {writer.tmp} to start over)', e) from None
+  except concurrent.futures.BrokenExecutor:  # a decode worker was killed (out of memory?)
+    writer.keep()
+    raise UserError(f'a decode worker process died after {recorded[0] - begin} of {end - begin} images, which are '
+                    f'kept: run the same command again to continue (fewer features.num_workers use less memory)')
   except BaseException:
     writer.keep()  # a full disk has deleted it already; anything else can be continued
     raise
@@ -223,10 +244,6 @@ def precompute(config, overwrite=False, progress=True):
     print(f'shard {shard + 1} of {shards} done; when all are, join them: '
           f'python -m colorflax.precompute_features --config ... --merge')
   return out_dir
-
-
-class Interrupted(KeyboardInterrupt):
-  """Ctrl-C during a build; the message says what the next run continues from."""
 
 
 def skip_summary(skipped) -> str:
@@ -273,9 +290,10 @@ _WORKER_SETTINGS = None
 def _init_worker(*settings):
   global _WORKER_SETTINGS
   _WORKER_SETTINGS = settings
-  # A terminal's Ctrl-C reaches the decode workers too: the main process stops them (the pool's
-  # terminate), so each need not die with a KeyboardInterrupt traceback of its own.
+  # A terminal's Ctrl-C and hang-up reach the decode workers too: the main process stops them
+  # (the pool's shutdown), so each need not die with a traceback of its own.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _prepare_range(begin, end):
@@ -290,10 +308,7 @@ def main(argv):
   if _MERGE.value:
     merge(config)
   else:
-    try:
-      precompute(config, overwrite=_OVERWRITE.value, progress=True)
-    except Interrupted as e:
-      cli.fail(str(e), code=130)
+    precompute(config, overwrite=_OVERWRITE.value, progress=True)
 
 
 def entry_point():

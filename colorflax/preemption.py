@@ -6,7 +6,9 @@ on the spot, losing everything since the last checkpoint (up to an epoch). Inste
 loop asks `requested()` after every dispatch and, once it says yes, saves a checkpoint and stops.
 
 - One process: SIGTERM, Ctrl-C (SIGINT) and SIGHUP set a flag; a second one of any acts as it
-  would have without this (SIGTERM and SIGHUP kill, Ctrl-C interrupts at once).
+  would have without this: training ends at once, without the checkpoint (under `cli.run`,
+  every entry point, with its one line: SIGTERM and SIGHUP raise `cli.Stopped` as Ctrl-C
+  raises KeyboardInterrupt; a third one kills).
 - Several processes: their checkpoint is written collectively, so they must all stop after the
   same dispatch, whichever of them got the signal. `jax.distributed` catches SIGTERM itself
   and agrees on that dispatch across processes (its preemption sync point, through orbax's
@@ -18,6 +20,7 @@ loop asks `requested()` after every dispatch and, once it says yes, saves a chec
   one being written); now the lost stream is pointed at /dev/null and the run stops with one.
 """
 
+import contextlib
 import errno
 import os
 import signal
@@ -25,6 +28,8 @@ import sys
 import threading
 
 import jax
+
+from colorflax import cli
 
 
 class StopRequest:
@@ -46,18 +51,14 @@ class StopRequest:
       for sig, handler in handled:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # Ctrl-C in a background job, SIGHUP under nohup
           self._previous[sig] = signal.signal(sig, handler)
-    self._streams = {name: getattr(sys, name) for name in ('stdout', 'stderr')}
-    for name, stream in self._streams.items():
-      setattr(sys, name, _Guarded(stream, self._output_lost))
+    self._output = contextlib.ExitStack()
+    self._output.enter_context(cli.output_guarded(self._output_lost))
 
   def close(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
-    for name, stream in self._streams.items():
-      if isinstance(getattr(sys, name), _Guarded):
-        setattr(sys, name, stream)
-    self._streams.clear()
+    self._output.close()
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
@@ -68,16 +69,9 @@ class StopRequest:
     except RuntimeError:  # the signal came in the middle of a write to stderr ("reentrant call")
       pass
 
-  def _output_lost(self, error, fd):
-    """A write to stdout or stderr (file descriptor `fd`) failed for good: every standard stream
-    on that file (a terminal, a pipe) now writes to /dev/null, also for Python's flush at exit,
-    and training stops."""
-    target = _file_id(fd)
-    lost = [n for n in (1, 2) if target is not None and _file_id(n) == target]
-    null = os.open(os.devnull, os.O_WRONLY)
-    for n in lost:
-      os.dup2(null, n)
-    os.close(null)
+  def _output_lost(self, error):
+    """A write to stdout or stderr failed for good (cli.output_guarded has sent that stream to
+    /dev/null): training stops."""
     if self.signal_name is None:
       if _distributed():
         _to_preemption_notice(signal.SIGHUP, None)
@@ -95,49 +89,6 @@ class StopRequest:
   @property
   def exit_code(self) -> int:
     return 128 + signal.Signals[self.signal_name].value
-
-
-class _Guarded:
-  """sys.stdout or sys.stderr while training: a write that fails because the terminal hung up
-  (EIO) or the pipe broke (EPIPE) calls `lost(error, fd)` instead of raising (tqdm's bar, print)."""
-
-  def __init__(self, stream, lost):
-    self._stream, self._lost = stream, lost
-
-  def _guard(self, method, *args):
-    try:
-      return method(*args)
-    except OSError as e:
-      if e.errno not in (errno.EIO, errno.EPIPE):
-        raise
-      self._lost(e, _fileno(self._stream))
-      return len(args[0]) if args else None
-
-  def write(self, text):
-    return self._guard(self._stream.write, text)
-
-  def flush(self):
-    return self._guard(self._stream.flush)
-
-  def __getattr__(self, name):  # isatty, encoding, fileno, ...
-    return getattr(self._stream, name)
-
-
-def _fileno(stream):
-  try:
-    return stream.fileno()
-  except (AttributeError, OSError, ValueError):  # pytest's capture, a closed stream
-    return None
-
-
-def _file_id(fd):
-  if fd is None:
-    return None
-  try:
-    st = os.fstat(fd)
-  except OSError:
-    return None
-  return st.st_dev, st.st_ino
 
 
 def _to_preemption_notice(signum, frame):

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from colorflax import cli
 from colorflax.device_pipeline import epoch_order
 from colorflax.errors import UserError
 
@@ -134,21 +135,6 @@ def _leave_stop_signals_to_training(worker_index, worker_count):
   signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def _start_resource_tracker_without_sighup():
-  """The workers' shared memory is registered with multiprocessing's resource tracker, a process
-  of the same group. Python keeps SIGINT and SIGTERM from it, not SIGHUP: on a closed terminal
-  it died, and the one started in its place printed a traceback for every block freed after.
-  Started with SIGHUP ignored (a disposition kept across exec), it outlives the hangup too."""
-  from multiprocessing import resource_tracker
-  if threading.current_thread() is not threading.main_thread():
-    return  # signal.signal would refuse; the tracker starts as Python starts it
-  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-  try:
-    resource_tracker.ensure_running()
-  finally:
-    signal.signal(signal.SIGHUP, previous)
-
-
 class StreamFeeder:
   """The batches of a run, streamed; the same interface as `device_pipeline.ResidentFeeder`.
 
@@ -173,7 +159,7 @@ class StreamFeeder:
     if config.data.stream_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; called outside app.run
         flags.FLAGS.mark_as_parsed()
-      _start_resource_tracker_without_sighup()
+      cli.start_resource_tracker_without_sighup()
       it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.stream_workers,
                                                              per_worker_buffer_size=config.data.stream_prefetch),
                                 worker_init_fn=_leave_stop_signals_to_training)

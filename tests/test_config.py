@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -139,6 +140,74 @@ def test_unraisable_exceptions_are_shown_unless_a_one_line_error_ends_the_run(fa
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ['-c: error: the one line']
   else:
     assert r.returncode == 0 and 'RuntimeError: background failure' in r.stderr
+
+
+_SIGNALLED = """
+import os, signal, sys, time
+from colorflax import cli
+
+def main(argv):
+  sig = getattr(signal, argv[1])
+  try:
+    os.kill(os.getpid(), sig)
+    time.sleep(30)
+  finally:
+    print('cleanup ran', flush=True)
+    if argv[2:] == ['again']:  # a cleanup that hangs: the second signal is not held back
+      os.kill(os.getpid(), sig)
+      time.sleep(30)
+
+if sys.argv[2:] == ['ignored']:  # as under nohup
+  signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  main = lambda argv: os.kill(os.getpid(), signal.SIGHUP) or time.sleep(0.5)
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])
+def test_a_scheduler_or_a_closed_terminal_stops_any_entry_point_like_ctrl_c(sig):
+  # SIGTERM and SIGHUP raise where the work is, so its cleanup runs (a partial cache is kept,
+  # a cut-off output removed), and the run ends with one line and the signal's exit code.
+  r = subprocess.run([sys.executable, '-c', _SIGNALLED, sig.name], cwd=REPO, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 128 + sig and r.stdout == 'cleanup ran\n', r.stderr
+  assert r.stderr.strip().splitlines() == [f'-c: error: stopped by {sig.name}'], r.stderr
+  again = subprocess.run([sys.executable, '-c', _SIGNALLED, sig.name, 'again'], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+  assert again.returncode == -sig and again.stdout == 'cleanup ran\n', again.stderr
+
+
+def test_sighup_ignored_by_nohup_stays_ignored():
+  r = subprocess.run([sys.executable, '-c', _SIGNALLED, 'SIGHUP', 'ignored'], cwd=REPO, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 0 and r.stderr == '', r.stderr
+
+
+_PRINTS_THEN_WRITES = """
+import sys
+from colorflax import cli
+
+def main(argv):
+  for i in range(20000):  # progress lines, long after the reader has gone
+    print(f'line {i}', flush=True)
+  print('a warning on stderr', file=sys.stderr, flush=True)
+  with open(argv[1], 'w') as f:
+    f.write('the result')
+
+cli.run(main)
+"""
+
+
+def test_output_that_can_no_longer_be_written_does_not_stop_the_work(tmp_path):
+  # `python -m colorflax.evaluate ... | head`, or ssh's pipe gone with the connection: the
+  # output is dropped (stdout and stderr both went to that pipe) and the result is still written.
+  result = tmp_path / 'result.txt'
+  proc = subprocess.Popen([sys.executable, '-c', _PRINTS_THEN_WRITES, str(result)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc.stdout.readline()
+  proc.stdout.close()  # the reader goes away
+  assert proc.wait(timeout=60) == 0
+  assert result.read_text() == 'the result'
 
 
 def test_output_files_are_checked_before_the_work(tmp_path):

@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from colorflax import (checkpoints, color, colorize, evaluate, features_cache, image_io, metrics, precompute_features,
+from colorflax import (checkpoints, cli, color, colorize, evaluate, features_cache, image_io, metrics, precompute_features,
                        synthetic, train)
 from colorflax.errors import UserError
 
@@ -244,6 +245,32 @@ def test_colorize_skip_existing_finishes_an_interrupted_run(trained, tmp_path):
   assert [os.path.relpath(p, out) for p in kept] == ['in/odd_landscape.png']
   assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']  # failures are tried again
   assert os.stat(out / 'in' / 'odd_landscape.png').st_mtime_ns == before
+  _assert_colorized(inputs, out / 'in')
+
+
+def test_colorize_stopped_mid_write_keeps_whole_outputs_and_says_how_to_finish(trained, tmp_path, monkeypatch):
+  # Ctrl-C (or SIGTERM, SIGHUP: cli.Stopped) lands while the second output is being written.
+  root, config = trained
+  inputs, out = _inputs(tmp_path / 'in'), tmp_path / 'out'
+  real_save = Image.Image.save
+
+  def save_then_stop(image, fp, *args, **kwargs):
+    if (out / 'in' / 'odd_landscape.png').exists():  # the first output is done
+      with open(fp, 'wb') as f:
+        f.write(b'\x89PNG cut off')
+      raise cli.Stopped(signal.SIGTERM)
+    return real_save(image, fp, *args, **kwargs)
+  monkeypatch.setattr(Image.Image, 'save', save_then_stop)
+  with pytest.raises(cli.Interrupted) as stopped:
+    colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False, batch_size=1)
+  assert str(stopped.value) == (f'stopped by SIGTERM with 1 of 3 images colorized in {out} (each output complete; '
+                                f'1 by this run): run the same command with --skip_existing to do the rest')
+  assert stopped.value.exit_code == 143
+  assert os.listdir(out / 'in') == ['odd_landscape.png']  # no cut-off file aside
+  monkeypatch.undo()
+  written, failed, kept = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False,
+                                            skip_existing=True)
+  assert [os.path.relpath(p, out) for p in written + kept] == ['in/portrait_gray.png', 'in/odd_landscape.png']
   _assert_colorized(inputs, out / 'in')
 
 

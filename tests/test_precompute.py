@@ -307,9 +307,8 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   assert features_cache.open_cache(cache).num_images == 8 and not os.path.exists(partial)
 
 
-def test_ctrl_c_keeps_the_images_done_and_the_same_command_continues(tmp_path):
-  # Ctrl-C reaches the whole process group, the decode workers too: only the main process speaks.
-  cache = tmp_path / 'cache'
+def _start_a_400_image_build(cache):
+  """(command, process) of a precompute run in its own process group, once it has recorded rows."""
   cmd = [sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
          f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400', '--config.data.image_size=32',
          '--config.features.batch_size=4', '--config.features.num_workers=2', '--config.features.calibration_images=4']
@@ -319,12 +318,22 @@ def test_ctrl_c_keeps_the_images_done_and_the_same_command_continues(tmp_path):
   deadline = time.time() + 120
   while time.time() < deadline and not (features_cache._read_json(progress) or {}).get('rows'):
     time.sleep(0.1)  # rows have been recorded
-  os.killpg(proc.pid, signal.SIGINT)
+  return cmd, proc
+
+
+@pytest.mark.parametrize('sig,stopped_by', [(signal.SIGINT, 'interrupted'), (signal.SIGTERM, 'stopped by SIGTERM'),
+                                             (signal.SIGHUP, 'stopped by SIGHUP')], ids=['Ctrl-C', 'SIGTERM', 'SIGHUP'])
+def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(tmp_path, sig, stopped_by):
+  # Ctrl-C, a closed terminal's SIGHUP and SLURM's SIGTERM reach the whole process group, the
+  # decode workers too: only the main process speaks, and it says what it keeps.
+  cache = tmp_path / 'cache'
+  cmd, proc = _start_a_400_image_build(cache)
+  os.killpg(proc.pid, sig)
   _, err = proc.communicate(timeout=120)
   last = err.strip().splitlines()[-1]
-  stopped = re.fullmatch(r'precompute_features\.py: error: interrupted after (\d+) of 400 images, which are kept: run '
-                         r'the same command again to continue \(or delete .+\.incomplete to start over\)', last)
-  assert proc.returncode == 130 and stopped, err[-3000:]
+  stopped = re.fullmatch(rf'precompute_features\.py: error: {stopped_by} after (\d+) of 400 images, which are kept: '
+                         r'run the same command again to continue \(or delete .+\.incomplete to start over\)', last)
+  assert proc.returncode == 128 + sig and stopped, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
   assert 0 < int(stopped.group(1)) < 400 and not cache.exists()
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -334,6 +343,40 @@ def test_ctrl_c_keeps_the_images_done_and_the_same_command_continues(tmp_path):
   assert cached.manifest['files'] == [f'synthetic:{i}' for i in range(400)]
   assert cached.num_images == 400 and not os.path.exists(features_cache.incomplete_dir(cache))
   assert sorted(os.listdir(cache)) == ['embeddings.npy', 'images.npy', 'inception_batchnorm.pth', 'manifest.json']
+
+
+def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
+  # The kernel's OOM killer picks a decode worker. multiprocessing.Pool replaced it, and waited
+  # for ever on its task if it held one (CPython issue 22393; here the worker is usually idle,
+  # as Inception is the slower side, and the old code finished). Now the build stops at once
+  # with one line, keeping its rows, and the same command continues.
+  cache = tmp_path / 'cache'
+  cmd, proc = _start_a_400_image_build(cache)
+  workers = []
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        parent = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        command = f.read()
+    except OSError:  # gone meanwhile
+      continue
+    if parent == proc.pid and b'spawn_main' in command:
+      workers.append(int(pid))
+  assert len(workers) == 2
+  os.kill(workers[0], signal.SIGKILL)
+  try:
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  last = err.strip().splitlines()[-1]
+  died = re.fullmatch(r'precompute_features\.py: error: a decode worker process died after (\d+) of 400 images, which '
+                      r'are kept: run the same command again to continue \(.+\)', last)
+  assert proc.returncode == 2 and died, err[-3000:]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert r.returncode == 0 and f': {died.group(1)} of 400 images done' in r.stdout, r.stderr[-3000:]
+  assert features_cache.open_cache(cache).num_images == 400
 
 
 def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(mixed_folder, weights_pth, tmp_path,
@@ -353,7 +396,7 @@ def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(m
     if len(calls) == 6:
       raise KeyboardInterrupt
   monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
-  with pytest.raises(precompute_features.Interrupted, match='interrupted after [1-9]'):
+  with pytest.raises(cli.Interrupted, match='interrupted after [1-9]'):
     precompute_features.precompute(config, progress=False)
   partial = features_cache.incomplete_dir(config.data.cache_dir)
   recorded = features_cache._read_json(os.path.join(partial, features_cache.PROGRESS))
@@ -435,7 +478,7 @@ def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, 
     if writer.images.rows == 8:
       raise KeyboardInterrupt
   monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
-  with pytest.raises(precompute_features.Interrupted, match='interrupted after 4 of 10 images'):
+  with pytest.raises(cli.Interrupted, match='interrupted after 4 of 10 images'):
     precompute_features.precompute(sharded, progress=False)
   monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
   capsys.readouterr()

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from colorflax import preemption
+from colorflax import cli, preemption
 
 
 def test_a_signal_in_the_middle_of_a_write_to_stderr_still_stops(monkeypatch):
@@ -31,4 +31,4 @@ def test_a_signal_in_the_middle_of_a_write_to_stderr_still_stops(monkeypatch):
     assert sent and stop.requested() and stop.exit_code == 128 + signal.SIGTERM
   finally:
     stop.close()
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not isinstance(sys.stderr, preemption._Guarded)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not isinstance(sys.stderr, cli._GuardedStream)
