@@ -139,6 +139,10 @@ def write_config(workdir, config):
 def read_config(workdir):
   """The ConfigDict a workdir was trained (or converted) with."""
   import ml_collections
+  if os.path.isfile(os.path.expanduser(workdir)):
+    hint = (f'; import a PyTorch checkpoint first with `python -m colorflax.convert_torch {workdir} --workdir DIR`, '
+            f'then give DIR' if workdir.endswith(('.pth', '.pt')) else '')
+    raise UserError(f'{workdir} is a file; a colorflax workdir (of train or convert_torch) is a folder{hint}')
   path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
     raise UserError(f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?')

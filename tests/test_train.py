@@ -503,6 +503,11 @@ def test_init_from_an_imported_prototype_checkpoint(cache_dir, tmp_path):
   # Its workdir has weights but no training state: training there says how to start from it.
   with pytest.raises(UserError, match=f'holds imported weights.*--config.init_from={imported}'):
     train.train_and_evaluate(config, str(imported), progress=False)
+  config.init_from = str(tmp_path / 'seed.pth')  # the prototype's file itself: say how to import it
+  with pytest.raises(UserError, match=re.escape(f'is a file; a colorflax workdir (of train or convert_torch) is a '
+                                                f'folder; import a PyTorch checkpoint first with `python -m '
+                                                f'colorflax.convert_torch {tmp_path}/seed.pth --workdir DIR`')):
+    train.init_from_checkpoint(config, _fresh_state(config))
   config.init_from = str(imported)
   state, step = train.init_from_checkpoint(config, _fresh_state(config))
   _, expected = convert.load_torch_checkpoint(tmp_path / 'seed.pth')
