@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorflax import features_cache, inception, precompute_features, sources, synthetic
+from colorflax import cli, features_cache, inception, precompute_features, sources, synthetic
 from colorflax.errors import UserError
 from configs import quickstart
 
