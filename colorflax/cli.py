@@ -71,10 +71,7 @@ def define_integer(name, default, help_text, lower_bound=0):
 
 def fail(message: str, code: int = EXIT_USAGE):
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
-  try:
-    print(f'{prog}: error: {message}', file=sys.stderr)
-  except OSError:  # stderr is gone (outside `run`, which guards it): the exit code still says it
-    pass
+  print(f'{prog}: error: {message}', file=sys.stderr)
   sys.exit(code)
 
 
@@ -105,25 +102,34 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
+def signal_handlers(handlers):
+  """Within: `handlers` ({signal: handler}) in place. Yields the handlers they replaced, which
+  come back on the way out. A signal ignored on entry (SIGHUP under nohup, Ctrl-C in a
+  background job) stays ignored; handlers can only be set from the main thread (elsewhere this
+  does nothing)."""
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig, handler in handlers.items():
+      if signal.getsignal(sig) is not signal.SIG_IGN:
+        previous[sig] = signal.signal(sig, handler) or signal.SIG_DFL  # None: set outside Python
+  try:
+    yield previous
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def stop_on_signals():
   """Within: SIGTERM and SIGHUP raise `Stopped`. A second one acts as it would have without this
-  (by default it kills), for cleanup that hangs. A signal ignored on entry (SIGHUP under nohup)
-  stays ignored; handlers can only be set from the main thread (elsewhere this does nothing)."""
-  previous = {}
+  (by default it kills), for cleanup that hangs."""
 
   def handle(signum, frame):
     signal.signal(signum, previous[signum])
     raise Stopped(signum)
 
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-      if signal.getsignal(sig) is not signal.SIG_IGN:
-        previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL  # None: set outside Python
-  try:
+  with signal_handlers({signal.SIGTERM: handle, signal.SIGHUP: handle}) as previous:
     yield
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
 
 
 def start_resource_tracker_without_sighup():

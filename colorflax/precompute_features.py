@@ -200,14 +200,13 @@ def precompute(config, overwrite=False, progress=True):
           bar.update(1)
           bar.set_postfix(skipped=len(skipped), refresh=False)
       flush(final=True)
-  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (cli.Stopped)
+  except (KeyboardInterrupt, concurrent.futures.BrokenExecutor) as e:
     writer.keep()
-    raise cli.Interrupted(f'after {recorded[0] - begin} of {end - begin} images, which are kept: run the same '
-                          f'command again to continue (or delete {writer.tmp} to start over)', e) from None
-  except concurrent.futures.BrokenExecutor:  # a decode worker was killed (out of memory?)
-    writer.keep()
-    raise UserError(f'a decode worker process died after {recorded[0] - begin} of {end - begin} images, which are '
-                    f'kept: run the same command again to continue (fewer features.num_workers use less memory)')
+    kept = f'after {recorded[0] - begin} of {end - begin} images, which are kept: run the same command again to continue'
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM / SIGHUP (cli.Stopped)
+      raise cli.Interrupted(f'{kept} (or delete {writer.tmp} to start over)', e) from None
+    # A decode worker was killed (out of memory?).
+    raise UserError(f'a decode worker process died {kept} (fewer features.num_workers use less memory)') from None
   except BaseException:
     writer.keep()  # a full disk has deleted it already; anything else can be continued
     raise

@@ -25,7 +25,6 @@ import errno
 import os
 import signal
 import sys
-import threading
 
 import jax
 
@@ -40,25 +39,17 @@ class StopRequest:
     self._mngr = checkpoint_manager
     self._calls = 0
     self.signal_name = None
-    self._previous = {}
-    # With several processes, jax.distributed's preemption notifier owns SIGTERM. Handlers can
-    # only be installed from the main thread (training run from another keeps the defaults).
-    if threading.current_thread() is threading.main_thread():
-      if _distributed():
-        handled = [(signal.SIGHUP, _to_preemption_notice)]
-      else:
-        handled = [(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
-      for sig, handler in handled:
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # Ctrl-C in a background job, SIGHUP under nohup
-          self._previous[sig] = signal.signal(sig, handler)
-    self._output = contextlib.ExitStack()
-    self._output.enter_context(cli.output_guarded(self._output_lost))
+    # With several processes, jax.distributed's preemption notifier owns SIGTERM.
+    if _distributed():
+      handled = {signal.SIGHUP: _to_preemption_notice}
+    else:
+      handled = dict.fromkeys((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._handle)
+    self._listening = contextlib.ExitStack()
+    self._previous = self._listening.enter_context(cli.signal_handlers(handled))
+    self._listening.enter_context(cli.output_guarded(self._output_lost))
 
   def close(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-    self._output.close()
+    self._listening.close()
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
