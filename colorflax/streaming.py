@@ -15,6 +15,7 @@ exactly the batches the interrupted one would have seen.
 """
 
 import functools
+import gc
 import json
 import os
 import queue
@@ -234,5 +235,12 @@ class StreamFeeder:
     return self.state
 
   def close(self):
-    if hasattr(self.iterator, 'close'):
-      self.iterator.close()
+    """Stops grain's workers and frees the batches still in shared memory. grain's prefetch
+    thread keeps its last elements in a reference cycle (the StopIteration it stores holds the
+    thread's frame), which only the garbage collector frees: at exit Python's resource tracker
+    would find them and warn of 'leaked shared_memory objects'."""
+    iterator, self.iterator = self.iterator, None
+    if hasattr(iterator, 'close'):
+      iterator.close()
+    del iterator
+    gc.collect()
