@@ -187,12 +187,12 @@ def colorize(workdir, config, inputs, output, which='best', size=0, inception_we
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
-  try:
+  input_paths = {p for p, _, _ in items}
+  colorizer = Colorizer(workdir, config, which, size, inception_weights)
+  try:  # once the model, its checkpoint and --size are known good: a refused run leaves no folder
     os.makedirs(output, exist_ok=True)
   except OSError as e:
     raise UserError(f'--output {output}: cannot create the folder ({e.strerror or e})') from None
-  input_paths = {p for p, _, _ in items}
-  colorizer = Colorizer(workdir, config, which, size, inception_weights)
   written, failed, kept = [], [], []
   batch = []
 

@@ -321,6 +321,10 @@ def test_colorize_output_that_cannot_be_written(trained, tmp_path):
   with pytest.raises(UserError, match='--output .*a_file is a file; give a folder'):
     colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'a_file'), progress=False)
   assert (tmp_path / 'a_file').read_text() == 'keep me'
+  for refused in (dict(size=60), dict(which='999')):  # a refused run leaves no empty output folder behind
+    with pytest.raises(UserError, match='--size must be a positive multiple of 8|no checkpoint at step 999'):
+      colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False, **refused)
+    assert not (tmp_path / 'out').exists()
   (tmp_path / 'out' / 'in' / 'odd_landscape.png').mkdir(parents=True)  # a folder where one output goes
   written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'),
                                          progress=False)
