@@ -9,6 +9,7 @@ Inside the step (`lab_batch`): gather by index, augment (training only), RGB -> 
 `colorflax.color`, and normalise (L/100 in, ab/128 target).
 """
 
+import collections
 import os
 
 import jax
@@ -69,6 +70,22 @@ def global_array(host, sharding):
 def dispatch_sizes(first_step, last_step, k):
   """Steps per dispatch for steps [first_step, last_step) of an epoch: K each, the last shorter."""
   return [min(k, last_step - s) for s in range(first_step, last_step, k)]
+
+
+class InFlight:
+  """Bounds how far the host runs ahead of the device. JAX dispatches asynchronously, so a loop
+  that puts batches on the device and never reads a result queues every batch of a split, and
+  holds them all in device (or, on CPU, host) memory while the device catches up. `add` each
+  dispatch's output: once more than `depth` are queued, it waits for the oldest, which leaves
+  the device `depth` dispatches of work while the host prepares the next."""
+
+  def __init__(self, depth=2):
+    self.depth, self._queued = depth, collections.deque()
+
+  def add(self, output):
+    self._queued.append(output)
+    if len(self._queued) > self.depth:
+      jax.block_until_ready(self._queued.popleft())
 
 
 def gather(tables, x):

@@ -88,7 +88,7 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   batch = -(-batch // len(devices)) * len(devices)
   fn = per_image_metrics(model)
   sharded = NamedSharding(mesh, P('data'))
-  results = []
+  results, in_flight = [], device_pipeline.InFlight()
   for start in reporting.progress_bar(range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False):
     chunk = rows[start:start + batch]
     n = len(chunk)
@@ -96,7 +96,8 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
     images = jax.device_put(np.asarray(cache.images[padded]), sharded)
     embeddings = jax.device_put(np.asarray(cache.embeddings[padded], np.float32), sharded)
     out = fn(variables, images, embeddings)
-    results.append((n, out))  # fetched after the loop: no per-batch synchronisation
+    results.append((n, out))  # fetched after the loop, without a transfer per batch
+    in_flight.add(out)
   per_image = {}
   for n, out in results:
     for k, v in jax.device_get(out).items():

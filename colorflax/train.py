@@ -330,10 +330,11 @@ def train_and_evaluate(config, workdir, progress=True):
   sample_rows = val_rows[:config.num_samples]
 
   def validate(state):
-    totals = {}
+    totals, in_flight = {}, device_pipeline.InFlight()  # a streamed split is not all read ahead
     for mask, (tables, x) in zip(eval_masks, feeder.eval_batches()):
       sums = evaluate(state.variables(), tables, x, mask)
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+      in_flight.add(sums)
     return {k: float(v) / len(val_rows) for k, v in jax.device_get(totals).items()}
 
   stop = preemption.StopRequest(mngr)  # from here, SIGTERM, Ctrl-C and SIGHUP stop with a checkpoint

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -65,6 +66,22 @@ def _assert_same_params(a, b, tol=1e-6):
 # unrelated changes of rounding; at 1e-6 the losses agree to ~1e-8. Nothing these tests check
 # depends on the step size.
 ROUNDING_LR = 1e-6
+
+
+def slowed_down(fn, outstanding):
+  """`fn`, each of its outputs held back by ~0.1 s more device work (a heavy no-op), recording at
+  each call how many earlier outputs the device has not finished: how far the host runs ahead."""
+  heavy = jax.jit(lambda out, m: jax.tree_util.tree_map(
+      lambda x: x + (jnp.sum(jnp.tanh(m @ m @ m @ m)) > 1e30).astype(x.dtype), out))
+  m = jnp.eye(1024) * 0.5
+  outputs = []
+
+  def call(*args):
+    outstanding.append(sum(not jax.tree_util.tree_leaves(o)[0].is_ready() for o in outputs))
+    outputs.append(heavy(fn(*args), m))
+    return outputs[-1]
+
+  return call
 
 
 def _assert_trained_alike(a, b, dirs, lr):
@@ -257,6 +274,16 @@ def test_a_signal_to_the_process_group_with_grain_workers_stops_cleanly(cache_di
   assert 'leaked shared_memory' not in err, err[-3000:]  # the workers lived to free their batches
   stopped = re.search(rf'stopped by {sig.name} at step (\d+) ', err)
   assert stopped and checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1))
+
+
+def test_validation_keeps_the_host_at_most_two_batches_ahead_of_the_device(cache_dir, tmp_path, monkeypatch):
+  # JAX dispatches asynchronously: a validation loop that never waits would queue every batch of
+  # the split (a streamed one, larger than device memory, too) while the device catches up.
+  outstanding, make_evaluate = [], train.make_evaluate
+  monkeypatch.setattr(train, 'make_evaluate', lambda model: slowed_down(make_evaluate(model), outstanding))
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1, eval_batch_size=4, **{'data.val_fraction': 0.75}),
+                           str(tmp_path / 'run'), progress=False)
+  assert len(outstanding) == 9 and max(outstanding) <= 2, outstanding  # 36 validation images, batches of 4
 
 
 def test_a_streamed_run_with_workers_ends_without_leaking_shared_memory(cache_dir, tmp_path):
