@@ -183,7 +183,7 @@ def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
 
 def test_evaluate_keeps_the_host_at_most_two_batches_ahead_of_the_device(trained, monkeypatch):
   # Without a bound, the host read the whole split and queued it in device memory (on CPU, host
-  # memory: a 1,000-image 256 px cache's evaluation peaked 0.22 GB higher, growing with the split).
+  # memory, growing with the split: the commit that added it gives the command and the figures).
   root, config = trained
   outstanding, per_image_metrics = [], evaluate.per_image_metrics
   monkeypatch.setattr(evaluate, 'per_image_metrics', lambda model: slowed_down(per_image_metrics(model), outstanding))
