@@ -7,7 +7,7 @@ import pytest
 from colorflax import xla_flags
 
 # colorflax sets its flag only on jaxlib >= 0.10 (test_an_older_jaxlib_gets_no_flag_it_may_not_know);
-# the oldest supported releases (.ci/lowest-constraints.txt) are older.
+# the oldest supported releases (.ci/lowest_constraints.py) are older.
 needs_new_jaxlib = pytest.mark.skipif(not xla_flags._jaxlib_knows_flags(),
                                       reason=f'jaxlib {importlib.metadata.version("jaxlib")} < 0.10: colorflax sets no flag')
 
