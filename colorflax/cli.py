@@ -150,7 +150,7 @@ def start_resource_tracker_without_sighup():
 
 class _GuardedStream:
   """sys.stdout or sys.stderr within `output_guarded`: a write that fails for good calls
-  `_output_lost` instead of raising (from print, tqdm's bar, logging)."""
+  `_output_lost` instead of raising (from print, writelines, tqdm's bar, logging)."""
 
   def __init__(self, stream):
     self._stream = stream
@@ -166,6 +166,10 @@ class _GuardedStream:
 
   def write(self, text):
     return self._guard(self._stream.write, text)
+
+  def writelines(self, lines):
+    for line in lines:
+      self.write(line)
 
   def flush(self):
     return self._guard(self._stream.flush)

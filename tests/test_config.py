@@ -189,7 +189,11 @@ from colorflax import cli
 
 def main(argv):
   for i in range(20000):  # progress lines, long after the reader has gone
-    print(f'line {i}', flush=True)
+    if argv[2] == 'print':
+      print(f'line {i}', flush=True)
+    else:
+      sys.stdout.writelines([f'line {i}', '\\n'])
+      sys.stdout.flush()
   print('a warning on stderr', file=sys.stderr, flush=True)
   with open(argv[1], 'w') as f:
     f.write('the result')
@@ -198,11 +202,12 @@ cli.run(main)
 """
 
 
-def test_output_that_can_no_longer_be_written_does_not_stop_the_work(tmp_path):
+@pytest.mark.parametrize('write', ['print', 'writelines'])
+def test_output_that_can_no_longer_be_written_does_not_stop_the_work(tmp_path, write):
   # `python -m colorflax.evaluate ... | head`, or ssh's pipe gone with the connection: the
   # output is dropped (stdout and stderr both went to that pipe) and the result is still written.
   result = tmp_path / 'result.txt'
-  proc = subprocess.Popen([sys.executable, '-c', _PRINTS_THEN_WRITES, str(result)], cwd=REPO,
+  proc = subprocess.Popen([sys.executable, '-c', _PRINTS_THEN_WRITES, str(result), write], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   proc.stdout.readline()
   proc.stdout.close()  # the reader goes away
