@@ -3,6 +3,8 @@ step (colorflax vs the PyTorch reference), of a whole training epoch, and agains
 measured matmul peak (MFU): the faster of XLA's and PyTorch's large matmul in the same dtype.
 
 Timings are medians of several repeats after compilation/warm-up, with device synchronisation.
+colorflax runs on one device unless `--config.num_devices` asks for more, as the PyTorch
+reference and the matmul peak do; on N accelerators MFU is against N times one's peak.
 """
 
 import concurrent.futures
@@ -72,17 +74,41 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def step_flops(model, tx, config, state, tables, xs):
-  """XLA's FLOP count of one training step, counted on the single-step program: XLA's cost
-  analysis does not multiply a while loop's body by its trip count."""
+def step_flops(model, tx, config, state, tables, xs, num_devices):
+  """XLA's FLOP count of one training step over all `num_devices`, counted on the single-step
+  program: XLA's cost analysis does not multiply a while loop's body by its trip count."""
   from colorflax import train
-  lowered = train.make_train_step(model, tx, config).lower(state, tables, xs, 0)
-  for analysis in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
-    cost = analysis()  # the unoptimised HLO's count where the backend gives one (CPU), else the compiled one
+  return program_flops(train.make_train_step(model, tx, config).lower(state, tables, xs, 0), num_devices)
+
+
+def program_flops(lowered, num_devices, analyses=('lowered', 'compiled')):
+  """FLOPs of a lowered program over all its devices: the unoptimised HLO's count where the
+  backend gives one (CPU), else the compiled program's, which XLA counts for one device's
+  partition of the batch."""
+  for analysis in analyses:
+    if analysis == 'lowered':
+      cost, scale = lowered.cost_analysis(), 1
+    else:
+      cost, scale = lowered.compile().cost_analysis(), num_devices
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get('flops'):
-      return float(cost['flops'])
+      return float(cost['flops']) * scale
   return 0.0
+
+
+def benchmark_devices(config):
+  """The devices colorflax's side runs on: the first config.num_devices (set by `run`)."""
+  import jax
+  devices = jax.devices()
+  if config.num_devices > len(devices):
+    raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
+  return devices[:config.num_devices]
+
+
+def devices_peak_flops(device_peak, platform, num_devices):
+  """The peak of `num_devices` devices: N times one accelerator's; on a CPU the devices share
+  the host's cores, whose matmul the one-device measurement already ran on."""
+  return device_peak if platform == 'cpu' else device_peak * num_devices
 
 
 def jax_step(config, repeats):
@@ -94,7 +120,7 @@ def jax_step(config, repeats):
   from colorflax import model as model_lib
   from colorflax import train
 
-  devices = jax.devices()
+  devices = benchmark_devices(config)
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch = train.global_batch_size(config, len(devices))
@@ -107,7 +133,7 @@ def jax_step(config, repeats):
   images = jax.device_put(rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), replicated)
   emb = jax.device_put(rng.normal(size=(n, model.embedding_dim)).astype(np.float32), replicated)
   idx = jax.device_put(rng.integers(0, n, (k, batch)).astype(np.int32), NamedSharding(mesh, P(None, 'data')))
-  flops_per_image = step_flops(model, tx, config, state, (images, emb), idx) / batch
+  flops_per_image = step_flops(model, tx, config, state, (images, emb), idx, len(devices)) / batch
   chunk = train.make_train_chunk(model, tx, config)  # compiled by the warm-up run
   holder = {'state': state}
 
@@ -120,7 +146,7 @@ def jax_step(config, repeats):
   return {'jax_step_seconds': seconds, 'jax_step_images_per_sec': batch / seconds,
           'flops_per_image': flops_per_image, 'batch_size': batch, 'devices': len(devices),
           'step_loop': train.step_loop(config), 'polyphase_dec3': model.polyphase_dec3,
-          'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'platform': devices[0].platform,
           'device': f'{len(devices)}x {devices[0].device_kind}'}
 
 
@@ -325,7 +351,7 @@ def stream_throughput(config, num_images, workers):
 
   from colorflax import device_pipeline, streaming, train
 
-  devices = jax.devices()
+  devices = benchmark_devices(config)
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   batch = train.global_batch_size(config, len(devices))
   with tempfile.TemporaryDirectory() as tmp, config.unlocked():
@@ -433,6 +459,8 @@ def check_epoch_images(config, epoch_images):
 def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1):
   if epoch_images and with_torch:
     check_epoch_images(config, epoch_images)
+  with config.unlocked():  # one device against PyTorch's one, unless asked (also for the epoch run)
+    config.num_devices = config.num_devices or 1
   results = {**machine(), 'image_size': config.data.image_size, 'dtype': config.model.dtype,
              'model_width': config.model.width, 'steps_per_dispatch': config.steps_per_dispatch}
   results.update(step_rounds(config, repeats, with_torch, rounds))
@@ -441,7 +469,9 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
   results.update(_isolated('jax_matmul_peak', config.model.dtype, repeats))
   if with_torch:
     results.update(_isolated('torch_matmul_peak', config.model.dtype, repeats))
-  peak = results['peak_flops'] = max(results['jax_matmul_peak_flops'], results.get('torch_matmul_peak_flops', 0.0))
+  device_peak = results['device_peak_flops'] = max(results['jax_matmul_peak_flops'],
+                                                    results.get('torch_matmul_peak_flops', 0.0))
+  peak = results['peak_flops'] = devices_peak_flops(device_peak, results['platform'], results['devices'])
   results['achieved_flops'] = results['flops_per_image'] * results['jax_step_images_per_sec']
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0
   if epoch_images:
@@ -487,10 +517,13 @@ def format_table(r):
   if 'torch_step_images_per_sec' in r:
     rounds = r.get('step_ratio_rounds')
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ''
-    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s  ratio {r['step_ratio']:.2f}{spread}"
+    one = ' on 1 device' if r.get('devices', 1) > 1 else ''
+    lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s{one}  ratio {r['step_ratio']:.2f}{spread}"
                  + _memory(r, 'torch_step'))
+  times = f"{r['devices']} x " if r['peak_flops'] != r.get('device_peak_flops', r['peak_flops']) else ''
   lines.append(f"  FLOPs/image {r['flops_per_image'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e12:.2f} TFLOP/s; "
-               f"matmul peak {r['peak_flops'] / 1e12:.2f} TFLOP/s{_peak_sources(r)}; MFU {100 * r['mfu']:.1f}%")
+               f"matmul peak {times}{r.get('device_peak_flops', r['peak_flops']) / 1e12:.2f} TFLOP/s{_peak_sources(r)}; "
+               f"MFU {100 * r['mfu']:.1f}%")
   if 'stream_images_per_sec' in r:
     lines.append(f"  streaming input  {r['stream_images_per_sec']:10.1f} img/s  ({r['stream_workers']} grain workers; "
                  f"{r['stream_margin']:.1f}x what the step consumes)")

@@ -30,6 +30,7 @@ def test_benchmark_measures_both_frameworks_and_counts_flops():
   for key in ('device', 'image_size', 'batch_size', 'dtype', 'jax_step_images_per_sec', 'torch_step_images_per_sec',
               'step_ratio', 'flops_per_image', 'achieved_flops', 'peak_flops', 'mfu'):
     assert key in r
+  assert r['device'] == '1x cpu'  # of the 4 this process has: one, as PyTorch's side
   # A training step is forward + backward: about 3x the forward FLOPs (less: the first layer's
   # input gradient is not needed).
   assert 2.0 < r['flops_per_image'] / _forward_flops(32) < 3.2
@@ -84,7 +85,7 @@ def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
       'from jax._src import xla_bridge',
       'from colorflax import benchmark',
       'from configs import default',
-      "fake = {'jax_step': {'jax_step_images_per_sec': 1.0, 'flops_per_image': 1.0},",
+      "fake = {'jax_step': {'jax_step_images_per_sec': 1.0, 'flops_per_image': 1.0, 'platform': 'gpu', 'devices': 1},",
       "        'torch_step': {'torch_step_images_per_sec': 1.0},",
       "        'jax_matmul_peak': {'jax_matmul_peak_flops': 3.0}, 'torch_matmul_peak': {'torch_matmul_peak_flops': 2.0}}",
       'benchmark._isolated = lambda name, *args: fake[name]',
@@ -95,6 +96,54 @@ def test_run_starts_no_jax_in_its_own_process_before_the_epoch_runs():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ['[False]', '3.0']
+
+
+def test_one_device_unless_asked_and_flops_counted_over_all_devices():
+  config = default.get_config()  # num_devices = 0: all devices when training, one in the benchmark
+  config.data.image_size, config.batch_size, config.steps_per_dispatch = 32, 4, 1
+  with config.unlocked():
+    config.num_devices = 1
+  one = benchmark.jax_step(config, repeats=1)
+  config.num_devices = 2
+  two = benchmark.jax_step(config, repeats=1)
+  assert (one['devices'], one['device'], two['devices'], two['device']) == (1, '1x cpu', 2, '2x cpu')
+  # The same global batch of 4 images costs the same, whichever number of devices computes it.
+  assert two['flops_per_image'] == pytest.approx(one['flops_per_image'], rel=1e-3)
+  config.num_devices = 5
+  with pytest.raises(UserError, match='config.num_devices: 5 requested, 4 available'):
+    benchmark.jax_step(config, repeats=1)
+
+
+def test_flops_of_a_compiled_program_count_every_devices_share():
+  # Where the backend has no count of the unoptimised program (GPUs), the compiled one's is
+  # used, and XLA counts that for one device's partition of the batch.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2], axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.device_put(np.ones((64, 256), np.float32), NamedSharding(mesh, P('data')))
+  w = jax.device_put(np.ones((256, 512), np.float32), NamedSharding(mesh, P()))
+  lowered = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w))).lower(x, w)
+  matmul = 2 * 64 * 256 * 512
+  assert benchmark.program_flops(lowered, 2, analyses=('lowered',)) == pytest.approx(matmul, rel=0.01)
+  assert benchmark.program_flops(lowered, 2, analyses=('compiled',)) == pytest.approx(matmul, rel=0.01)
+
+
+def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
+  fake = {'jax_step': {'jax_step_images_per_sec': 100.0, 'jax_step_seconds': 0.08, 'flops_per_image': 1e12,
+                       'platform': 'gpu', 'devices': 4, 'device': '4x H200', 'batch_size': 8},
+          'torch_step': {'torch_step_images_per_sec': 40.0},
+          'jax_matmul_peak': {'jax_matmul_peak_flops': 5e14}, 'torch_matmul_peak': {'torch_matmul_peak_flops': 4e14}}
+  monkeypatch.setattr(benchmark, '_isolated', lambda name, *args: dict(fake[name]))
+  r = benchmark.run(default.get_config(), repeats=1)
+  assert r['device_peak_flops'] == 5e14 and r['peak_flops'] == 4 * 5e14  # one H200's peak, times 4
+  assert r['mfu'] == pytest.approx(100 * 1e12 / (4 * 5e14))
+  table = benchmark.format_table(r)
+  assert 'matmul peak 4 x 500.00 TFLOP/s' in table and 'img/s on 1 device' in table
+  # The devices of one CPU share its cores: their peak is the one measured.
+  assert benchmark.devices_peak_flops(3e11, 'cpu', 4) == 3e11 and benchmark.devices_peak_flops(3e11, 'tpu', 4) == 1.2e12
 
 
 def test_step_rounds_alternate_and_report_each_sides_median_round(monkeypatch):
