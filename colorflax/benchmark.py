@@ -35,6 +35,10 @@ _STREAM_IMAGES = cli.define_integer('stream_images', 0, 'Images in the streaming
 _ROUNDS = cli.define_integer(
     'rounds', 1, 'Alternating (colorflax, PyTorch) step measurements, each in a fresh process; the median '
     "round of each side is reported, so a drift in the machine's speed reaches both sides alike.", lower_bound=1)
+_RECIPE_EPOCHS = cli.define_integer(
+    'recipe_epochs', 0, 'Also train this many epochs on the --epoch_images images, timed from start to end '
+    '(compilation, validation and checkpoints included): the seed recipe is 60 epochs of 7,000 images. '
+    '0 = skip it.', lower_bound=0)
 _SEED_EPOCH_IMAGES = cli.define_integer(
     'seed_epoch_images', 0, 'Images the seed-style PyTorch epoch times, at most (0 = its whole epoch); its host '
     'pipeline is slow (~90 img/s at 256 px), so a part of the epoch gives its rate sooner.')
@@ -261,6 +265,22 @@ def jax_epoch(config, cache_dir):
   return {'jax_epoch_images_per_sec': last['images_per_sec']}
 
 
+def jax_recipe(config, cache_dir, num_epochs):
+  """A whole training run of `num_epochs` on the cache, as `python -m colorflax.train` runs it
+  (validation, the plateau and a checkpoint every epoch; no sample grids), timed end to end."""
+  from colorflax import train
+
+  with tempfile.TemporaryDirectory() as tmp:
+    with config.unlocked():
+      config.data.cache_dir = cache_dir
+      config.num_epochs = num_epochs
+      config.samples_every_epochs = 0
+    t = time.perf_counter()
+    _, last = train.train_and_evaluate(config, os.path.join(tmp, 'work'), progress=False)
+    seconds = time.perf_counter() - t
+  return {'recipe_epochs': last['epoch'], 'recipe_steps': last['step'], 'recipe_seconds': seconds}
+
+
 class _SeedDataset:
   """The prototype's input pipeline over a cache's images: PIL image -> torchvision RandomAffine
   (rotation, shear) + horizontal flip on the host -> float tensor in [0, 1] (HWC)."""
@@ -373,8 +393,9 @@ def stream_throughput(config, num_images, workers):
   return {'stream_images_per_sec': images / seconds, 'stream_images_timed': images, 'stream_workers': workers}
 
 
-def epochs(config, num_images, with_torch, seed_epoch_images=0):
-  """colorflax's training epoch and the seed-style PyTorch epoch, on the same random images."""
+def epochs(config, num_images, with_torch, seed_epoch_images=0, recipe_epochs=0):
+  """colorflax's training epoch and the seed-style PyTorch epoch, on the same random images;
+  and a whole run of `recipe_epochs` on them."""
   from colorflax import device_pipeline
   with tempfile.TemporaryDirectory() as tmp:
     cache_dir = _random_cache(os.path.join(tmp, 'cache'), config, num_images)
@@ -387,13 +408,19 @@ def epochs(config, num_images, with_torch, seed_epoch_images=0):
       except Exception as e:
         out['seed_pipeline_error'] = f'{type(e).__name__}: {e}'
         print(f'seed-style epoch failed: {out["seed_pipeline_error"]}')
+    if recipe_epochs:  # last: the longest, and the figures above are kept if it fails
+      try:
+        out.update(_isolated('jax_recipe', config, cache_dir, recipe_epochs))
+      except Exception as e:
+        out['recipe_error'] = f'{type(e).__name__}: {e}'
+        print(f'whole run failed: {out["recipe_error"]}')
   if 'seed_pipeline_epoch_images_per_sec' in out:
     out['epoch_ratio'] = out['jax_epoch_images_per_sec'] / out['seed_pipeline_epoch_images_per_sec']
   return out
 
 
 _MEMORY_PREFIX = {'jax_step': 'jax_step', 'torch_step': 'torch_step', 'jax_epoch': 'jax_epoch',
-                  'seed_pipeline_epoch': 'seed_pipeline'}
+                  'jax_recipe': 'recipe', 'seed_pipeline_epoch': 'seed_pipeline'}
 
 
 def _measure_in_child(name, args):
@@ -456,7 +483,11 @@ def check_epoch_images(config, epoch_images):
                   f'the rest; use --epoch_images={enough} or more (or --notorch)')
 
 
-def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1):
+def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, seed_epoch_images=0, rounds=1,
+        recipe_epochs=0):
+  if recipe_epochs and not epoch_images:
+    raise UserError(f'--recipe_epochs={recipe_epochs} trains on the --epoch_images images: give both, '
+                    f'e.g. --epoch_images=7000 for the seed recipe')
   if epoch_images and with_torch:
     check_epoch_images(config, epoch_images)
   with config.unlocked():  # one device against PyTorch's one, unless asked (also for the epoch run)
@@ -476,7 +507,7 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0
   if epoch_images:
     try:
-      results.update(epochs(config, epoch_images, with_torch, seed_epoch_images))
+      results.update(epochs(config, epoch_images, with_torch, seed_epoch_images, recipe_epochs))
     except Exception as e:  # keep the step figures even if the epoch run fails
       results['epoch_error'] = f'{type(e).__name__}: {e}'
   if stream_images:  # last: it starts JAX in this process (grain's workers are its children)
@@ -534,6 +565,12 @@ def format_table(r):
     lines.append(f"  seed-style epoch {r['seed_pipeline_epoch_images_per_sec']:10.1f} img/s  ratio {r['epoch_ratio']:.2f}"
                  f"  ({r['seed_pipeline_epoch_images']} images timed, {r['seed_pipeline_compute_dtype']})"
                  + _memory(r, 'seed_pipeline'))
+  if 'recipe_seconds' in r:
+    lines.append(f"  whole run        {r['recipe_seconds']:10.1f} s for {r['recipe_epochs']} epochs of {r['epoch_train_images']} "
+                 f"images ({r['recipe_seconds'] / 60:.1f} min; compilation, validation, checkpoints included)"
+                 + _memory(r, 'recipe'))
+  if 'recipe_error' in r:
+    lines.append(f"  whole run failed: {r['recipe_error']}")
   if 'epoch_error' in r:
     lines.append(f"  epoch run failed: {r['epoch_error']}")
   return '\n'.join(lines)
@@ -545,7 +582,7 @@ def main(argv):
   config = cli.load_config(_CONFIG)
   json_path = cli.output_file(_JSON.value, 'json')
   results = run(config, _REPEATS.value, _TORCH.value, _EPOCH_IMAGES.value, _STREAM_IMAGES.value,
-                _SEED_EPOCH_IMAGES.value, _ROUNDS.value)
+                _SEED_EPOCH_IMAGES.value, _ROUNDS.value, _RECIPE_EPOCHS.value)
   print(format_table(results))
   if json_path:
     with open(json_path, 'w') as f:

@@ -146,6 +146,40 @@ def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
   assert benchmark.devices_peak_flops(3e11, 'cpu', 4) == 3e11 and benchmark.devices_peak_flops(3e11, 'tpu', 4) == 1.2e12
 
 
+def test_a_whole_run_trains_every_epoch_and_is_timed_end_to_end(tmp_path):
+  config = default.get_config()
+  config.data.image_size, config.batch_size, config.num_devices = 32, 4, 1
+  cache_dir = benchmark._random_cache(str(tmp_path / 'cache'), config, 24)  # 18 training images: 4 steps an epoch
+  r = benchmark.jax_recipe(config, cache_dir, 2)
+  assert (r['recipe_epochs'], r['recipe_steps']) == (2, 8) and r['recipe_seconds'] > 0
+
+
+def test_the_whole_run_comes_last_and_its_failure_keeps_the_other_figures(monkeypatch):
+  calls = []
+
+  def fake_isolated(name, *args):
+    calls.append((name, args[-1] if name == 'jax_recipe' else None))
+    if name == 'jax_recipe':
+      raise MemoryError('out of device memory')
+    return {'jax_step': {'jax_step_images_per_sec': 2.0, 'jax_step_seconds': 4.0, 'flops_per_image': 1e9,
+                         'platform': 'cpu', 'devices': 1, 'device': '1x cpu', 'batch_size': 8},
+            'jax_matmul_peak': {'jax_matmul_peak_flops': 1e11},
+            'jax_epoch': {'jax_epoch_images_per_sec': 1.5}}[name]
+
+  monkeypatch.setattr(benchmark, '_isolated', fake_isolated)
+  config = default.get_config()
+  with pytest.raises(UserError, match='--recipe_epochs=60 trains on the --epoch_images images'):
+    benchmark.run(config, with_torch=False, recipe_epochs=60)
+  assert calls == []  # refused before measuring anything
+  r = benchmark.run(config, with_torch=False, epoch_images=40, recipe_epochs=60)
+  assert [c[0] for c in calls] == ['jax_step', 'jax_matmul_peak', 'jax_epoch', 'jax_recipe'] and calls[-1][1] == 60
+  assert r['jax_epoch_images_per_sec'] == 1.5 and r['recipe_error'] == 'MemoryError: out of device memory'
+  assert 'whole run failed: MemoryError' in benchmark.format_table(r)
+  r.pop('recipe_error')
+  r.update(recipe_seconds=150.0, recipe_epochs=60)
+  assert 'whole run             150.0 s for 60 epochs of 30 images (2.5 min' in benchmark.format_table(r)
+
+
 def test_step_rounds_alternate_and_report_each_sides_median_round(monkeypatch):
   calls, jax_ips, torch_ips = [], iter([6.0, 5.0, 7.0]), iter([5.5, 6.0, 6.5])
 

@@ -97,27 +97,39 @@ def test_tpu_pod_dry_run_runs_one_command_on_every_worker():
 
 def test_gpu_benchmark_commands_parse():
   """The GPU script runs when a GPU is lent for a few minutes: every flag it passes must exist."""
-  r = _dry('gpu_benchmark.sh', '/tmp/gpu-out')
+  r = _dry('gpu_benchmark.sh', '/tmp/gpu-out', STAGES='seed_f32_b8 seed_bf16_b8 bf16_b128 recipe_bf16_b8')
   assert r.returncode == 0, r.stderr
   commands = [line.split() for line in r.stdout.strip().splitlines()]
-  assert len(commands) == 3 and all(c[:3] == ['python3', '-m', 'colorflax.benchmark'] for c in commands)
+  assert len(commands) == 4 and all(c[:3] == ['python3', '-m', 'colorflax.benchmark'] for c in commands)
   check = ('import sys\n'
            'from absl import flags\n'
            'from colorflax import benchmark, cli\n'
            'flags.FLAGS(sys.argv)\n'
            'c = cli.load_config(benchmark._CONFIG)\n'
-           'print(c.model.dtype, c.batch_size, flags.FLAGS.epoch_images, flags.FLAGS.seed_epoch_images)\n')
+           'f = flags.FLAGS\n'
+           'print(c.model.dtype, c.batch_size, f.epoch_images, f.seed_epoch_images, f.recipe_epochs, f.torch)\n')
   parsed = [subprocess.run([sys.executable, '-c', check, *c[3:]], capture_output=True, text=True, cwd=REPO)
             for c in commands]
   assert all(p.returncode == 0 for p in parsed), [p.stderr[-500:] for p in parsed]
-  assert [p.stdout.split() for p in parsed] == [['float32', '8', '7000', '1600'], ['bfloat16', '8', '7000', '1600'],
-                                                ['bfloat16', '128', '0', '0']]
+  assert [p.stdout.split() for p in parsed] == [
+      ['float32', '8', '7000', '1600', '0', 'True'], ['bfloat16', '8', '7000', '1600', '0', 'True'],
+      ['bfloat16', '128', '0', '0', '0', 'True'],
+      ['bfloat16', '8', '7000', '0', '60', 'False']]  # the seed recipe: 60 epochs of 7,000 images, timed whole
   # Flags after OUTDIR reach every command after the script's own, so they win (a rehearsal at a
   # small size, or a smaller GPU); without OUTDIR they are still flags, and $OUT names the folder.
   r = _dry('gpu_benchmark.sh', '--config.batch_size=16', '--epoch_images=96', OUT='/tmp/rehearsal')
   assert r.returncode == 0, r.stderr
   commands = [line.split() for line in r.stdout.strip().splitlines()]
   assert all(c[-2:] == ['--config.batch_size=16', '--epoch_images=96'] for c in commands)
+  # By default the three settings that fit one 10-minute call on a GPU; the whole recipe on request.
   assert [c[6] for c in commands] == [f'/tmp/rehearsal/{n}.json' for n in ('seed_f32_b8', 'seed_bf16_b8', 'bf16_b128')]
   parsed = subprocess.run([sys.executable, '-c', check, *commands[2][3:]], capture_output=True, text=True, cwd=REPO)
-  assert parsed.stdout.split() == ['bfloat16', '16', '96', '0'], parsed.stderr[-500:]
+  assert parsed.stdout.split() == ['bfloat16', '16', '96', '0', '0', 'True'], parsed.stderr[-500:]
+  # STAGES picks settings by name, e.g. to finish in a second call what the first had no time for.
+  r = _dry('gpu_benchmark.sh', '/tmp/gpu-out', STAGES='bf16_b128 recipe_bf16_b8')
+  assert [line.split()[6] for line in r.stdout.strip().splitlines()] == ['/tmp/gpu-out/bf16_b128.json',
+                                                                       '/tmp/gpu-out/recipe_bf16_b8.json']
+  r = _dry('gpu_benchmark.sh', STAGES='bf16_b128 recipe_bf16')
+  assert r.returncode == 2 and r.stdout == '' and r.stderr.splitlines() == [
+      "gpu_benchmark.sh: STAGES: unknown setting 'recipe_bf16'; the settings are: "
+      "seed_f32_b8 seed_bf16_b8 bf16_b128 recipe_bf16_b8"]
