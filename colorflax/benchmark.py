@@ -517,9 +517,11 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
 
 
 def _memory(r, prefix):
-  """' peak 1.2 GB device' / ' peak RSS 3.4 GB' for a measurement, or '' if not measured."""
+  """' peak 1.2 GB device' / ' peak RSS 3.4 GB' for a measurement, or '' if not measured.
+  colorflax's figure on several devices is the first device's (each holds its share)."""
   if f'{prefix}_peak_device_bytes' in r:
-    return f"  peak {r[f'{prefix}_peak_device_bytes'] / 1e9:.2f} GB device"
+    each = 'per device' if r.get('devices', 1) > 1 and prefix not in ('torch_step', 'seed_pipeline') else 'device'
+    return f"  peak {r[f'{prefix}_peak_device_bytes'] / 1e9:.2f} GB {each}"
   if f'{prefix}_peak_rss_bytes' in r:
     return f"  peak RSS {r[f'{prefix}_peak_rss_bytes'] / 1e9:.2f} GB"
   return ''

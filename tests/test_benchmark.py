@@ -133,8 +133,9 @@ def test_flops_of_a_compiled_program_count_every_devices_share():
 
 def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
   fake = {'jax_step': {'jax_step_images_per_sec': 100.0, 'jax_step_seconds': 0.08, 'flops_per_image': 1e12,
-                       'platform': 'gpu', 'devices': 4, 'device': '4x H200', 'batch_size': 8},
-          'torch_step': {'torch_step_images_per_sec': 40.0},
+                       'platform': 'gpu', 'devices': 4, 'device': '4x H200', 'batch_size': 8,
+                       'jax_step_peak_device_bytes': 2e9},
+          'torch_step': {'torch_step_images_per_sec': 40.0, 'torch_step_peak_device_bytes': 5e9},
           'jax_matmul_peak': {'jax_matmul_peak_flops': 5e14}, 'torch_matmul_peak': {'torch_matmul_peak_flops': 4e14}}
   monkeypatch.setattr(benchmark, '_isolated', lambda name, *args: dict(fake[name]))
   r = benchmark.run(default.get_config(), repeats=1)
@@ -142,6 +143,10 @@ def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
   assert r['mfu'] == pytest.approx(100 * 1e12 / (4 * 5e14))
   table = benchmark.format_table(r)
   assert 'matmul peak 4 x 500.00 TFLOP/s' in table and 'img/s on 1 device' in table
+  # Memory: colorflax's is each device's (the first one's); PyTorch's, its one device's.
+  line = {l.split()[0]: l for l in table.splitlines()}
+  assert line['colorflax'].endswith('peak 2.00 GB per device') and line['PyTorch'].endswith('peak 5.00 GB device')
+
   # The devices of one CPU share its cores: their peak is the one measured.
   assert benchmark.devices_peak_flops(3e11, 'cpu', 4) == 3e11 and benchmark.devices_peak_flops(3e11, 'tpu', 4) == 1.2e12
 
