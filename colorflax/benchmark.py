@@ -550,7 +550,7 @@ def format_table(r):
   if 'torch_step_images_per_sec' in r:
     rounds = r.get('step_ratio_rounds')
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ''
-    one = ' on 1 device' if r.get('devices', 1) > 1 else ''
+    one = ' on 1 device' if r.get('devices', 1) > 1 and r.get('platform') != 'cpu' else ''  # CPU: the same cores
     lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s{one}  ratio {r['step_ratio']:.2f}{spread}"
                  + _memory(r, 'torch_step'))
   times = f"{r['devices']} x " if r['peak_flops'] != r.get('device_peak_flops', r['peak_flops']) else ''

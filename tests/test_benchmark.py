@@ -149,6 +149,7 @@ def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
 
   # The devices of one CPU share its cores: their peak is the one measured.
   assert benchmark.devices_peak_flops(3e11, 'cpu', 4) == 3e11 and benchmark.devices_peak_flops(3e11, 'tpu', 4) == 1.2e12
+  assert 'on 1 device' not in benchmark.format_table({**r, 'platform': 'cpu'})
 
 
 def test_a_whole_run_trains_every_epoch_and_is_timed_end_to_end(tmp_path):
