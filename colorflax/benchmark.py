@@ -85,34 +85,22 @@ def step_flops(model, tx, config, state, tables, xs, num_devices):
   return program_flops(train.make_train_step(model, tx, config).lower(state, tables, xs, 0), num_devices)
 
 
-def program_flops(lowered, num_devices, analyses=('lowered', 'compiled')):
+def program_flops(lowered, num_devices):
   """FLOPs of a lowered program over all its devices: the unoptimised HLO's count where the
-  backend gives one (CPU), else the compiled program's, which XLA counts for one device's
-  partition of the batch."""
-  for analysis in analyses:
-    if analysis == 'lowered':
-      cost, scale = lowered.cost_analysis(), 1
-    else:
-      cost, scale = lowered.compile().cost_analysis(), num_devices
+  backend gives one (CPU; None elsewhere), else the compiled program's, which XLA counts for
+  one device's partition of the batch."""
+  for analysis, scale in ((lowered.cost_analysis, 1), (lambda: lowered.compile().cost_analysis(), num_devices)):
+    cost = analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get('flops'):
       return float(cost['flops']) * scale
   return 0.0
 
 
-def benchmark_devices(config):
-  """The devices colorflax's side runs on: the first config.num_devices (set by `run`)."""
-  import jax
-  devices = jax.devices()
-  if config.num_devices > len(devices):
-    raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
-  return devices[:config.num_devices]
-
-
-def devices_peak_flops(device_peak, platform, num_devices):
-  """The peak of `num_devices` devices: N times one accelerator's; on a CPU the devices share
-  the host's cores, whose matmul the one-device measurement already ran on."""
-  return device_peak if platform == 'cpu' else device_peak * num_devices
+def peak_devices(platform, num_devices):
+  """How many times one device's matmul peak the run's devices reach: N accelerators; the
+  devices of one CPU share its cores, whose matmul the one-device measurement already used."""
+  return 1 if platform == 'cpu' else num_devices
 
 
 def jax_step(config, repeats):
@@ -124,7 +112,7 @@ def jax_step(config, repeats):
   from colorflax import model as model_lib
   from colorflax import train
 
-  devices = benchmark_devices(config)
+  devices = train.run_devices(config)
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch = train.global_batch_size(config, len(devices))
@@ -252,22 +240,10 @@ def _random_cache(cache_dir, config, num_images):
   return cache_dir
 
 
-def jax_epoch(config, cache_dir):
-  """A real training epoch of colorflax (train_and_evaluate) on the cache: images/s."""
-  from colorflax import train
-
-  with tempfile.TemporaryDirectory() as tmp:
-    with config.unlocked():
-      config.data.cache_dir = cache_dir
-      config.num_epochs = 2  # the first epoch includes compilation; the second is the figure
-      config.samples_every_epochs = 0
-    _, last = train.train_and_evaluate(config, os.path.join(tmp, 'work'), progress=False)
-  return {'jax_epoch_images_per_sec': last['images_per_sec']}
-
-
-def jax_recipe(config, cache_dir, num_epochs):
-  """A whole training run of `num_epochs` on the cache, as `python -m colorflax.train` runs it
-  (validation, the plateau and a checkpoint every epoch; no sample grids), timed end to end."""
+def _train_on_cache(config, cache_dir, num_epochs):
+  """`num_epochs` of train_and_evaluate on the cache, as `python -m colorflax.train` runs them
+  (validation, the plateau and a checkpoint every epoch; no sample grids), in a scratch
+  workdir: (the last epoch's metrics, the wall-clock seconds of the whole run)."""
   from colorflax import train
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +253,18 @@ def jax_recipe(config, cache_dir, num_epochs):
       config.samples_every_epochs = 0
     t = time.perf_counter()
     _, last = train.train_and_evaluate(config, os.path.join(tmp, 'work'), progress=False)
-    seconds = time.perf_counter() - t
+    return last, time.perf_counter() - t
+
+
+def jax_epoch(config, cache_dir):
+  """A real training epoch of colorflax on the cache: images/s."""
+  last, _ = _train_on_cache(config, cache_dir, 2)  # the first epoch includes compilation; the second is the figure
+  return {'jax_epoch_images_per_sec': last['images_per_sec']}
+
+
+def jax_recipe(config, cache_dir, num_epochs):
+  """A whole training run of `num_epochs` on the cache, timed end to end."""
+  last, seconds = _train_on_cache(config, cache_dir, num_epochs)
   return {'recipe_epochs': last['epoch'], 'recipe_steps': last['step'], 'recipe_seconds': seconds}
 
 
@@ -371,7 +358,7 @@ def stream_throughput(config, num_images, workers):
 
   from colorflax import device_pipeline, streaming, train
 
-  devices = benchmark_devices(config)
+  devices = train.run_devices(config)
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
   batch = train.global_batch_size(config, len(devices))
   with tempfile.TemporaryDirectory() as tmp, config.unlocked():
@@ -502,7 +489,7 @@ def run(config, repeats=5, with_torch=True, epoch_images=0, stream_images=0, see
     results.update(_isolated('torch_matmul_peak', config.model.dtype, repeats))
   device_peak = results['device_peak_flops'] = max(results['jax_matmul_peak_flops'],
                                                     results.get('torch_matmul_peak_flops', 0.0))
-  peak = results['peak_flops'] = devices_peak_flops(device_peak, results['platform'], results['devices'])
+  peak = results['peak_flops'] = device_peak * peak_devices(results['platform'], results['devices'])
   results['achieved_flops'] = results['flops_per_image'] * results['jax_step_images_per_sec']
   results['mfu'] = results['achieved_flops'] / peak if peak else 0.0
   if epoch_images:
@@ -543,6 +530,7 @@ def _machine_line(r):
 
 
 def format_table(r):
+  accelerators = peak_devices(r.get('platform', 'cpu'), r.get('devices', 1))  # older results: one device
   lines = [f"{r['device']}, {r['image_size']} px, global batch {r['batch_size']}, {r['dtype']}, width {r['model_width']}",
            *_machine_line(r),
            f"  colorflax step   {r['jax_step_images_per_sec']:10.1f} img/s  ({r['jax_step_seconds'] * 1e3:.2f} ms/step)"
@@ -550,12 +538,12 @@ def format_table(r):
   if 'torch_step_images_per_sec' in r:
     rounds = r.get('step_ratio_rounds')
     spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ''
-    one = ' on 1 device' if r.get('devices', 1) > 1 and r.get('platform') != 'cpu' else ''  # CPU: the same cores
+    one = ' on 1 device' if accelerators > 1 else ''
     lines.append(f"  PyTorch step     {r['torch_step_images_per_sec']:10.1f} img/s{one}  ratio {r['step_ratio']:.2f}{spread}"
                  + _memory(r, 'torch_step'))
-  times = f"{r['devices']} x " if r['peak_flops'] != r.get('device_peak_flops', r['peak_flops']) else ''
+  times = f"{accelerators} x " if accelerators > 1 else ''
   lines.append(f"  FLOPs/image {r['flops_per_image'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e12:.2f} TFLOP/s; "
-               f"matmul peak {times}{r.get('device_peak_flops', r['peak_flops']) / 1e12:.2f} TFLOP/s{_peak_sources(r)}; "
+               f"matmul peak {times}{r['peak_flops'] / accelerators / 1e12:.2f} TFLOP/s{_peak_sources(r)}; "
                f"MFU {100 * r['mfu']:.1f}%")
   if 'stream_images_per_sec' in r:
     lines.append(f"  streaming input  {r['stream_images_per_sec']:10.1f} img/s  ({r['stream_workers']} grain workers; "

@@ -70,6 +70,14 @@ def global_batch_size(config, num_devices):
   return batch
 
 
+def run_devices(config):
+  """The devices a run uses: the first config.num_devices (0 = all of them)."""
+  devices = jax.devices()
+  if config.num_devices > len(devices):
+    raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
+  return devices[:config.num_devices or len(devices)]
+
+
 def create_state(config, model, tx, plateau, image_size, replicated):
   def init(key):
     variables = model.init(key, jnp.zeros((1, min(image_size, 64), min(image_size, 64), 1)),
@@ -267,11 +275,7 @@ def train_and_evaluate(config, workdir, progress=True):
                     f'to train from them, use a new --workdir with --config.init_from={workdir}')
   check_resume_compatible(workdir, config)
 
-  devices = jax.devices()
-  if config.num_devices:
-    if config.num_devices > len(devices):
-      raise UserError(f'config.num_devices: {config.num_devices} requested, {len(devices)} available')
-    devices = devices[:config.num_devices]
+  devices = run_devices(config)
   if note := dtype_note(config, devices[0].platform):
     log(note)
   # Auto axes: XLA propagates the batch sharding through the gather, model and loss itself.

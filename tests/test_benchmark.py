@@ -127,8 +127,13 @@ def test_flops_of_a_compiled_program_count_every_devices_share():
   w = jax.device_put(np.ones((256, 512), np.float32), NamedSharding(mesh, P()))
   lowered = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w))).lower(x, w)
   matmul = 2 * 64 * 256 * 512
-  assert benchmark.program_flops(lowered, 2, analyses=('lowered',)) == pytest.approx(matmul, rel=0.01)
-  assert benchmark.program_flops(lowered, 2, analyses=('compiled',)) == pytest.approx(matmul, rel=0.01)
+  assert benchmark.program_flops(lowered, 2) == pytest.approx(matmul, rel=0.01)
+
+  class AsOnAGpu:  # Lowered.cost_analysis is None on PJRT plugin backends
+    cost_analysis = staticmethod(lambda: None)
+    compile = staticmethod(lowered.compile)
+
+  assert benchmark.program_flops(AsOnAGpu(), 2) == pytest.approx(matmul, rel=0.01)
 
 
 def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
@@ -148,7 +153,7 @@ def test_mfu_on_several_accelerators_is_against_all_of_their_peaks(monkeypatch):
   assert line['colorflax'].endswith('peak 2.00 GB per device') and line['PyTorch'].endswith('peak 5.00 GB device')
 
   # The devices of one CPU share its cores: their peak is the one measured.
-  assert benchmark.devices_peak_flops(3e11, 'cpu', 4) == 3e11 and benchmark.devices_peak_flops(3e11, 'tpu', 4) == 1.2e12
+  assert benchmark.peak_devices('cpu', 4) == 1 and benchmark.peak_devices('tpu', 4) == 4
   assert 'on 1 device' not in benchmark.format_table({**r, 'platform': 'cpu'})
 
 
