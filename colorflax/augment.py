@@ -42,8 +42,9 @@ def warp(images, matrices, fill_mode='nearest'):
   # Elementwise products rather than a dot, so the rounding (and so which pixels are read)
   # does not depend on how the batch is split over devices.
   m = matrices[:, :, :, None, None]
-  coords = jnp.stack([m[:, 0, 0] * y + m[:, 0, 1] * x + cy,
-                      m[:, 1, 0] * y + m[:, 1, 1] * x + cx], -1)  # (B, H, W, (y, x))
+  coords = jnp.stack(
+      [m[:, 0, 0] * y + m[:, 0, 1] * x + cy, m[:, 1, 0] * y + m[:, 1, 1] * x + cx], -1
+  )  # (B, H, W, (y, x))
   last = jnp.array([h - 1, w - 1])
   lower = jnp.floor(coords)
   frac = coords - lower
@@ -54,8 +55,9 @@ def warp(images, matrices, fill_mode='nearest'):
   corners = jax.vmap(lambda flat, i: flat[i])(images.reshape(b, h * w, c), index.reshape(b, -1))
   corners = corners.reshape(b, 4, h, w, c)
   fy, fx = frac[..., 0:1], frac[..., 1:2]
-  out = ((1 - fy) * ((1 - fx) * corners[:, 0] + fx * corners[:, 1])
-         + fy * ((1 - fx) * corners[:, 2] + fx * corners[:, 3]))
+  out = (1 - fy) * ((1 - fx) * corners[:, 0] + fx * corners[:, 1]) + fy * (
+      (1 - fx) * corners[:, 2] + fx * corners[:, 3]
+  )
   if fill_mode == 'constant':  # a pixel that maps outside the image is black (as dm-pix's)
     inside = jnp.all((coords >= 0) & (coords <= last), axis=-1, keepdims=True)
     out = jnp.where(inside, out, 0.0)

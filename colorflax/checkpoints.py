@@ -23,6 +23,22 @@ from colorflax.errors import UserError
 
 CONFIG_FILE = 'config.json'
 IMPORTED = 'convert_torch'  # meta['source'] of a checkpoint convert_torch wrote
+WHICH = ('best', 'latest')  # --checkpoint and config.init_checkpoint: these, or a step number
+
+# Changing these makes a checkpoint meaningless for a run; everything else may change on resume.
+RESUME_KEYS = (
+    'seed',
+    'data.image_size',
+    'data.val_fraction',
+    'features.kind',
+    'model.width',
+    'model.dtype',
+    'batch_size',
+    'per_device_batch_size',
+)
+# What the parameters' shapes and meaning hang on: a run started from another's weights
+# (config.init_from) must have the same.
+INIT_FROM_KEYS = ('model.width', 'features.kind')
 
 
 def checkpoint_dir(workdir) -> str:
@@ -31,21 +47,34 @@ def checkpoint_dir(workdir) -> str:
 
 def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bool = True):
   """A CheckpointManager keeping the latest `keep` steps and the best one by validation loss."""
-  preservation = policies.AnyPreservationPolicy([
-      policies.LatestN(n=keep),
-      policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
-                     keep_checkpoints_without_metrics=False),
-  ])
+  preservation = policies.AnyPreservationPolicy(
+      [
+          policies.LatestN(n=keep),
+          policies.BestN(
+              get_metric_fn=lambda m: m['val_loss'],
+              reverse=True,
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          ),
+      ]
+  )
   options = ocp.CheckpointManagerOptions(
-      best_fn=lambda m: m['val_loss'], best_mode='min', preservation_policy=preservation,
-      enable_async_checkpointing=async_writes, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1)
+      best_fn=lambda m: m['val_loss'],
+      best_mode='min',
+      preservation_policy=preservation,
+      enable_async_checkpointing=async_writes,
+      read_only=read_only,
+      create=not read_only,
+      save_interval_steps=0 if read_only else 1,
+  )
   # Readers (evaluate, colorize) open read-only, and orbax warns about that on every open.
   level = logging.get_verbosity()
   if read_only:
     logging.set_verbosity(logging.ERROR)
   try:
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta', 'data'))
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=('model', 'train', 'meta', 'data')
+    )
   finally:
     logging.set_verbosity(level)
 
@@ -57,24 +86,36 @@ def save(mngr, step: int, *, model, meta: dict, train=None, data=None, metrics=N
     items['train'] = ocp.args.StandardSave(train)
   if data is not None:  # streaming.IteratorState, written by grain's orbax handler
     import grain
+
     items['data'] = grain.checkpoint.CheckpointSave(data)
   mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
 def wait(mngr):
   """Waits for the checkpoint being written in the background. A write that failed (a full
-  disk, a lost mount) is one line naming the checkpoint kept; its cut-off step is ignored on resume."""
+  disk, a lost mount) is one line naming the checkpoint kept; its cut-off step is ignored on resume.
+  """
   try:
     mngr.wait_until_finished()
   except Exception as e:  # orbax re-raises its writer threads' errors (ValueError, OSError, ...)
     text = str(e)
     code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's, for a failed file write
-    reason = os.strerror(int(code.group(1))) if code else (text.splitlines() or [type(e).__name__])[0][:300]
+    reason = (
+        os.strerror(int(code.group(1)))
+        if code
+        else (text.splitlines() or [type(e).__name__])[0][:300]
+    )
     mngr.reload()
     kept = mngr.latest_step()
-    raise UserError(f'cannot write a checkpoint in {mngr.directory}: {reason}; '
-                    + (f'the last complete one (step {kept}) is kept: ' if kept is not None else 'none was completed: ')
-                    + 'make room and run the same command again') from None
+    raise UserError(
+        f'cannot write a checkpoint in {mngr.directory}: {reason}; '
+        + (
+            f'the last complete one (step {kept}) is kept: '
+            if kept is not None
+            else 'none was completed: '
+        )
+        + 'make room and run the same command again'
+    ) from None
 
 
 def resolve_step(mngr, which='latest') -> int:
@@ -90,7 +131,9 @@ def resolve_step(mngr, which='latest') -> int:
   try:
     step = int(which)
   except (TypeError, ValueError):
-    raise UserError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}") from None
+    raise UserError(
+        f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}"
+    ) from None
   if step not in steps:
     raise UserError(f'no checkpoint at step {step} in {mngr.directory}; there are {sorted(steps)}')
   return step
@@ -101,9 +144,13 @@ def restore_model(workdir, which='latest', target=None):
   give shapes and shardings (so a checkpoint restores onto any device layout)."""
   mngr = manager(workdir, read_only=True)
   step = resolve_step(mngr, which)
-  model_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+  model_args = (
+      ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+  )
   with _readable(mngr, step, 'choose another with --checkpoint'):
-    restored = mngr.restore(step, args=ocp.args.Composite(model=model_args, meta=ocp.args.JsonRestore()))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(model=model_args, meta=ocp.args.JsonRestore())
+    )
   mngr.close()
   return restored['model'], restored['meta'], step
 
@@ -117,12 +164,16 @@ def _readable(mngr, step, advice):
   except Exception as e:  # orbax, tensorstore and the handlers raise many types for this
     while e.__cause__ is not None:  # tensorstore's own message names the file and what is wrong
       e = e.__cause__
-    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    text = (
+        e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    )
     reason = (text.strip().splitlines() or [type(e).__name__])[0].split(' [tensorstore_spec')[0]
     reason = reason if len(reason) <= 400 else reason[:400] + '...'
     others = [x for x in mngr.all_steps() if x != step]
-    raise UserError(f'checkpoint step {step} in {mngr.directory} cannot be read ({reason}); {advice}'
-                    + (f' (the others: {sorted(others)})' if others else '')) from None
+    raise UserError(
+        f'checkpoint step {step} in {mngr.directory} cannot be read ({reason}); {advice}'
+        + (f' (the others: {sorted(others)})' if others else '')
+    ) from None
 
 
 def write_config(workdir, config):
@@ -139,13 +190,23 @@ def write_config(workdir, config):
 def read_config(workdir):
   """The ConfigDict a workdir was trained (or converted) with."""
   import ml_collections
+
   if os.path.isfile(os.path.expanduser(workdir)):
-    hint = (f'; import a PyTorch checkpoint first with `python -m colorflax.convert_torch {workdir} --workdir DIR`, '
-            f'then give DIR' if workdir.endswith(('.pth', '.pt')) else '')
-    raise UserError(f'{workdir} is a file; a colorflax workdir (of train or convert_torch) is a folder{hint}')
+    hint = (
+        '; import a PyTorch checkpoint first with '
+        f'`python -m colorflax.convert_torch {workdir} --workdir DIR`, '
+        f'then give DIR'
+        if workdir.endswith(('.pth', '.pt'))
+        else ''
+    )
+    raise UserError(
+        f'{workdir} is a file; a colorflax workdir (of train or convert_torch) is a folder{hint}'
+    )
   path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise UserError(f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?')
+    raise UserError(
+        f'{workdir} has no {CONFIG_FILE}: is it a colorflax workdir (train or convert_torch)?'
+    )
   with open(path) as f:
     try:
       return ml_collections.ConfigDict(json.load(f))
@@ -188,30 +249,89 @@ def restore_train(mngr, state, step=None, data=None):
   and shardings. `data`: a streaming.IteratorState to fill in, returned only if the step has
   one for this process (a run resumed on another process count restarts its stream at the step)."""
   step = mngr.latest_step() if step is None else step
-  items = dict(model=ocp.args.StandardRestore(state.variables()), train=ocp.args.StandardRestore(train_item(state)),
-               meta=ocp.args.JsonRestore())
+  items = dict(
+      model=ocp.args.StandardRestore(state.variables()),
+      train=ocp.args.StandardRestore(train_item(state)),
+      meta=ocp.args.JsonRestore(),
+  )
   with_data = data is not None and _has_data_state(mngr, step)
   if with_data:
     import grain
+
     items['data'] = grain.checkpoint.CheckpointRestore(data)
-  with _readable(mngr, step, f'move {os.path.join(str(mngr.directory), str(step))} aside to resume from '
-                             'the one before it'):
+  with _readable(
+      mngr,
+      step,
+      f'move {os.path.join(str(mngr.directory), str(step))} aside to resume from '
+      'the one before it',
+  ):
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   model, train = restored['model'], restored['train']
-  state = state.replace(step=train['step'], params=model['params'], batch_stats=model['batch_stats'],
-                        opt_state=train['opt_state'], plateau=train['plateau'])
+  state = state.replace(
+      step=train['step'],
+      params=model['params'],
+      batch_stats=model['batch_stats'],
+      opt_state=train['opt_state'],
+      plateau=train['plateau'],
+  )
   return state, restored['meta'], restored['data'] if with_data else None
 
 
 def restore_for_inference(workdir, config, which, mesh):
   """(model, variables, step): the model `config` describes, its variables from `workdir`
   restored replicated onto `mesh`, whatever device layout the checkpoint was written from."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
+  from colorflax import distributed
   from colorflax import model as model_lib
+
   model = model_lib.model_from_config(config)
-  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0), 8))
-  replicated = NamedSharding(mesh, P())
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+  abstract = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
+  replicated = distributed.replicated(mesh)
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+  )
   variables, _, step = restore_model(workdir, which, target)
   return model, variables, step
+
+
+def check_can_train_in(workdir, config):
+  """Refuses a workdir that `config` cannot train in: imported weights (convert_torch), or a run
+  trained with other RESUME_KEYS."""
+  from colorflax import config_validation
+
+  if holds_weights_only(workdir):
+    raise UserError(
+        f'{workdir} holds imported weights (convert_torch), not a training run to resume: '
+        f'to train from them, use a new --workdir with --config.init_from={workdir}'
+    )
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return
+  old = read_config(workdir)
+  for key in RESUME_KEYS:
+    if config_validation.key_missing(old, key):
+      continue
+    a, b = config_validation.get_field(old, key), config_validation.get_field(config, key)
+    if a != b:
+      raise UserError(
+          f'{workdir} was trained with {key}={a!r}, this config has {b!r}: '
+          f'resume with the same value or use a new --workdir'
+      )
+
+
+def restore_init_from(config, target):
+  """(variables, step) of config.init_from's checkpoint (config.init_checkpoint), a training
+  run's or an imported prototype's, restored onto `target`'s shapes and shardings; its
+  INIT_FROM_KEYS must be this config's."""
+  from colorflax import config_validation
+
+  source = config.init_from
+  source_config = read_config(source)
+  for key in INIT_FROM_KEYS:
+    theirs = config_validation.get_field(source_config, key)
+    ours = config_validation.get_field(config, key)
+    if theirs != ours:
+      raise UserError(
+          f'config.init_from: {source} has {key}={theirs!r}, this config {ours!r}; '
+          f'set {key}={theirs!r} to start from its weights'
+      )
+  variables, _, step = restore_model(source, config.get('init_checkpoint', 'best'), target)
+  return variables, step

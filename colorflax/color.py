@@ -9,9 +9,13 @@ import numpy as np
 
 # skimage.color.colorconv.xyz_from_rgb (sRGB primaries, D65) and the D65 2° white point.
 _XYZ_FROM_RGB = np.array(
-    [[0.412453, 0.357580, 0.180423],
-     [0.212671, 0.715160, 0.072169],
-     [0.019334, 0.119193, 0.950227]], dtype=np.float64)
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ],
+    dtype=np.float64,
+)
 _RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883], dtype=np.float64)
 
@@ -26,8 +30,9 @@ AB_SCALE = 128.0
 def _mix(x, matrix):
   """x[..., 3] @ matrix.T, written as three FMAs so XLA fuses it with its neighbours."""
   m = matrix.astype(np.float32)
-  return jnp.stack([x[..., 0] * m[i, 0] + x[..., 1] * m[i, 1] + x[..., 2] * m[i, 2]
-                    for i in range(3)], axis=-1)
+  return jnp.stack(
+      [x[..., 0] * m[i, 0] + x[..., 1] * m[i, 1] + x[..., 2] * m[i, 2] for i in range(3)], axis=-1
+  )
 
 
 def rgb_to_lab(rgb):
@@ -50,16 +55,18 @@ def _lab_to_linear_rgb(lab):
   fx = a / 500.0 + fy
   fz = jnp.maximum(fy - b / 200.0, 0.0)  # skimage clips negative z to 0 as well
   f = jnp.stack([fx, fy, fz], axis=-1)
-  xyz = jnp.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787) * _WHITE_D65.astype(np.float32)
+  xyz = jnp.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787) * _WHITE_D65.astype(np.float32)
   return _mix(xyz, _RGB_FROM_XYZ)
 
 
 def lab_to_rgb(lab, clip=True):
   """L*a*b* (..., 3) -> sRGB in [0, 1] (out-of-gamut colours are clipped, as skimage does)."""
   linear = _lab_to_linear_rgb(lab)
-  rgb = jnp.where(linear > 0.0031308,
-                  1.055 * jnp.maximum(linear, 0.0031308) ** (1.0 / 2.4) - 0.055,
-                  12.92 * linear)
+  rgb = jnp.where(
+      linear > 0.0031308,
+      1.055 * jnp.maximum(linear, 0.0031308) ** (1.0 / 2.4) - 0.055,
+      12.92 * linear,
+  )
   return jnp.clip(rgb, 0.0, 1.0) if clip else rgb
 
 
@@ -75,9 +82,12 @@ def fit_ab_to_gamut(l, ab, iterations=12):
   Clipping RGB (what `lab_to_rgb` does) changes a saturated pixel's lightness; reducing its
   chroma instead keeps L and hue exactly. l: (..., 1) in [0, 100], ab: (..., 2). Bisection.
   """
+
   def inside(scale):
     linear = _lab_to_linear_rgb(jnp.concatenate([l, ab * scale], axis=-1))
-    return jnp.all((linear >= _LINEAR_GAMUT[0]) & (linear <= _LINEAR_GAMUT[1]), axis=-1, keepdims=True)
+    return jnp.all(
+        (linear >= _LINEAR_GAMUT[0]) & (linear <= _LINEAR_GAMUT[1]), axis=-1, keepdims=True
+    )
 
   ok = inside(1.0)
   lo, hi = jnp.zeros_like(l), jnp.ones_like(l)
@@ -112,4 +122,6 @@ def denormalize_lab(l_norm, ab_norm):
 
 def lab_norm_to_rgb(l_norm, ab_norm):
   """The model's input and output, recombined into sRGB in [0, 1]."""
-  return lab_to_rgb(denormalize_lab(jnp.asarray(l_norm, jnp.float32), jnp.asarray(ab_norm, jnp.float32)))
+  return lab_to_rgb(
+      denormalize_lab(jnp.asarray(l_norm, jnp.float32), jnp.asarray(ab_norm, jnp.float32))
+  )

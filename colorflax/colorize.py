@@ -13,18 +13,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags as absl_flags
 from PIL import Image
 
-from colorflax import checkpoints, cli, color, features_cache, image_io, reporting
+from colorflax import checkpoints, cli, color, distributed, features_cache, image_io
+from colorflax import model as model_lib
+from colorflax import reporting, signals
 from colorflax.errors import UserError
-
-cli.define_config_flag(default=cli.default_config_path(), for_workdir=True)
-_WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
-_OUTPUT = cli.define_string('output', None, 'Folder for the colorized PNGs (created if needed).')
-_CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
-_SIZE = cli.define_integer('size', 0, 'Working resolution (multiple of 8); 0 = the training image size.')
-_SKIP_EXISTING = cli.define_bool('skip_existing', False, 'Leave the inputs whose output PNG is there already, '
-                                 'e.g. to finish an interrupted run (outputs are only ever complete files).')
 
 
 def expand_inputs(inputs, output=None):
@@ -38,7 +33,10 @@ def expand_inputs(inputs, output=None):
     path = os.path.abspath(os.path.expanduser(item))
     if os.path.isdir(path):
       for dirpath, dirnames, filenames in os.walk(path):
-        skip = (output, output and os.path.join(output, os.path.basename(path)))  # where its outputs go
+        skip = (
+            output,
+            output and os.path.join(output, os.path.basename(path)),
+        )  # where its outputs go
         dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
         for name in sorted(filenames):
           if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
@@ -57,7 +55,9 @@ def expand_inputs(inputs, output=None):
   # name (photo.jpg.png, photo.png.png). A clash that remains (a.jpg from two folders, given as
   # files) is refused for the later input: no output overwrites another.
   stem = lambda rel: os.path.splitext(rel)[0] + '.png'
-  clashes = collections.Counter(stem(rel).lower() for _, rel in unique if rel)  # A.png is a.png on macOS
+  clashes = collections.Counter(
+      stem(rel).lower() for _, rel in unique if rel
+  )  # A.png is a.png on macOS
   taken, result = {}, []
   for path, rel in unique:
     if rel is None:
@@ -86,7 +86,7 @@ def _per_pixel(fn, *images):
   chunk = min(_CHUNK_PIXELS, 1 << max(n - 1, 1).bit_length())
   outputs = []
   for start in range(0, n, chunk):
-    parts = [x[start:start + chunk] for x in flat]
+    parts = [x[start : start + chunk] for x in flat]
     pad = chunk - len(parts[0])
     outputs.append(fn(*(np.pad(p, ((0, pad), (0, 0))) for p in parts)))  # dispatched, not awaited
   return np.concatenate([np.asarray(o) for o in outputs])[:n].reshape(h, w, -1)
@@ -121,9 +121,10 @@ class Colorizer:
     self.size = size or config.data.image_size
     if self.size <= 0 or self.size % 8:
       raise UserError(f'--size must be a positive multiple of 8, got {self.size}')
-    devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
-    self.model, self.variables, self.step = checkpoints.restore_for_inference(workdir, config, which, mesh)
+    mesh = distributed.data_mesh()
+    self.model, self.variables, self.step = checkpoints.restore_for_inference(
+        workdir, config, which, mesh
+    )
     # The features the model was trained on: the training cache's record, unless overridden.
     # A convert_torch workdir has no cache: its config says the seed's (ImageNet logits).
     cache_dir = os.path.expanduser(config.data.cache_dir)
@@ -133,7 +134,7 @@ class Colorizer:
     self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
     self.kind = config.features.kind
     self.resize = config.data.resize
-    self._predict = jax.jit(lambda v, l, e: self.model.apply(v, l, e, train=False))
+    self._predict = model_lib.make_predict(self.model)
 
   def working_images(self, gray):
     """Full-res grayscale (H, W) in [0, 1] -> (the model's input, Inception's input), uint8.
@@ -148,22 +149,32 @@ class Colorizer:
     if self.resize == 'squash':
       return square, square
     scale = self.size / min(img.size)
-    whole = img.resize(tuple(max(8, round(side * scale / 8) * 8) for side in img.size), Image.Resampling.BOX)
+    whole = img.resize(
+        tuple(max(8, round(side * scale / 8) * 8) for side in img.size), Image.Resampling.BOX
+    )
     return np.asarray(whole, np.uint8), square
 
   def colorize_batch(self, grays):
-    """Full-res grayscale images (list of (H, W)) -> each one's predicted ab/128 at its working size."""
+    """Full-res grayscale images (list of (H, W)) -> each one's predicted ab/128 at its working
+    size."""
     from colorflax import inception
+
     inputs, squares = zip(*(self.working_images(g) for g in grays))
     emb = inception.embed(self.inception, inception.preprocess(np.stack(squares)), self.kind)
-    by_shape = collections.defaultdict(list)  # one batch per input shape (eval mode: images are independent)
+    by_shape = collections.defaultdict(
+        list
+    )  # one batch per input shape (eval mode: images are independent)
     for i, x in enumerate(inputs):
       by_shape[x.shape].append(i)
     ab = [None] * len(grays)
     for rows in by_shape.values():
       small = np.stack([inputs[i] for i in rows])
-      l_small = np.asarray(color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0))[..., :1]
-      for i, out in zip(rows, np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb[rows]))):
+      l_small = np.asarray(
+          color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0)
+      )[..., :1]
+      for i, out in zip(
+          rows, np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb[rows]))
+      ):
         ab[i] = out
     return ab
 
@@ -171,104 +182,169 @@ class Colorizer:
 def recombine(l_full, ab_small):
   """Full-res L (H, W) + working-size ab/128 (h, w, 2) -> uint8 RGB (H, W, 3) at full size."""
   h, w = l_full.shape
-  ab = np.stack([np.asarray(Image.fromarray(ab_small[..., c].astype(np.float32), 'F').resize((w, h), Image.Resampling.BILINEAR))
-                 for c in range(2)], axis=-1) * np.float32(color.AB_SCALE)
+  ab = np.stack(
+      [
+          np.asarray(
+              Image.fromarray(ab_small[..., c].astype(np.float32), 'F').resize(
+                  (w, h), Image.Resampling.BILINEAR
+              )
+          )
+          for c in range(2)
+      ],
+      axis=-1,
+  ) * np.float32(color.AB_SCALE)
   return _per_pixel(_lab_to_srgb_uint8, l_full.astype(np.float32)[..., None], ab)
 
 
-def colorize(workdir, config, inputs, output, which='best', size=0, inception_weights=None, batch_size=8,
-             progress=True, skip_existing=False):
+def save_png(rgb, out):
+  """Writes uint8 RGB as the PNG `out`, aside then renamed: a full disk or Ctrl-C never leaves a
+  cut-off file behind. Returns None, or why it could not be written."""
+  aside = out + '.tmp.png'
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    Image.fromarray(rgb).save(aside)
+    os.replace(aside, out)
+  except OSError as e:
+    return f'cannot write {out}: {e.strerror or e}'
+  finally:
+    if os.path.isfile(aside):
+      os.remove(aside)
+  return None
+
+
+def _read_gray(path):
+  """(full-res grayscale, its L*) of an input, or the reason it cannot be used."""
+  try:
+    if os.path.getsize(path) == 0:
+      raise image_io.SkipImage('empty file')
+    return _full_res_gray(path), None
+  except (image_io.SkipImage, OSError) as e:
+    return None, str(e)
+
+
+def colorize(
+    workdir,
+    config,
+    inputs,
+    output,
+    which='best',
+    size=0,
+    inception_weights=None,
+    batch_size=8,
+    progress=True,
+    skip_existing=False,
+):
   """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)], outputs
   left as they were because `skip_existing` found them).
 
   `inception_weights` overrides the features' recorded weights (None: use the record)."""
-  # Checked before the model loads: a bad --output is found in a second, not after the first batch.
+  # Checked before the model loads: a bad --output is found in a second, not after a batch.
   output = cli.output_folder(output, 'output')
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
   input_paths = {p for p, _, _ in items}
   colorizer = Colorizer(workdir, config, which, size, inception_weights)
-  try:  # once the model, its checkpoint and --size are known good: a refused run leaves no folder
-    os.makedirs(output, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--output {output}: cannot create the folder ({e.strerror or e})') from None
-  written, failed, kept = [], [], []
-  batch = []
+  # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
+  cli.create_folder(output, 'output')
+  written, failed, kept, batch = [], [], [], []
 
   def flush():
-    if not batch:
-      return
-    ab = colorizer.colorize_batch([g for _, _, g, _ in batch])
-    for (path, out, _, l_full), ab_small in zip(batch, ab):
-      rgb = recombine(l_full, ab_small)
-      aside = out + '.tmp.png'
-      try:  # written aside, then renamed: a full disk or Ctrl-C never leaves a cut-off PNG behind
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        Image.fromarray(rgb).save(aside)
-        os.replace(aside, out)
-      except OSError as e:
-        failed.append((path, f'cannot write {out}: {e.strerror or e}'))
-        continue
-      finally:
-        if os.path.isfile(aside):
-          os.remove(aside)
-      written.append(out)
+    ab = colorizer.colorize_batch([g for _, _, (g, _) in batch]) if batch else []
+    for (path, out, (_, l_full)), ab_small in zip(batch, ab):
+      error = save_png(recombine(l_full, ab_small), out)
+      if error:
+        failed.append((path, error))
+      else:
+        written.append(out)
     batch.clear()
 
   try:
-    for path, name, why_not in reporting.progress_bar(items, desc='colorize', unit='img', disable=not progress):
-      if name is None:
-        failed.append((path, why_not))
-        continue
-      out = os.path.join(output, name)
-      if os.path.abspath(out) in input_paths:
-        failed.append((path, f'refusing to overwrite an input: {out}'))
-        continue
-      if skip_existing and os.path.isfile(out):  # written aside and renamed: an existing output is whole
+    for path, name, why_not in reporting.progress_bar(
+        items, desc='colorize', unit='img', disable=not progress
+    ):
+      out = name and os.path.join(output, name)
+      if out and os.path.abspath(out) in input_paths:
+        why_not = f'refusing to overwrite an input: {out}'
+      elif out and skip_existing and os.path.isfile(out):  # outputs are renamed whole: this one is
         kept.append(out)
         continue
-      try:
-        if os.path.getsize(path) == 0:
-          raise image_io.SkipImage('empty file')
-        gray, l_full = _full_res_gray(path)
-      except (image_io.SkipImage, OSError) as e:
-        failed.append((path, str(e)))
+      elif out:
+        gray, why_not = _read_gray(path)
+      if why_not:
+        failed.append((path, why_not))
         continue
-      batch.append((path, out, gray, l_full))
+      batch.append((path, out, gray))
       if len(batch) >= batch_size:
         flush()
     flush()
-  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (cli.Stopped)
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (signals.Stopped)
     done = len(written) + len(kept)
-    raise cli.Interrupted(f'with {done} of {len(items)} images colorized in {output} (each output complete; '
-                          f'{len(written)} by this run): run the same command with --skip_existing to do the rest',
-                          e) from None
+    raise signals.Interrupted(
+        f'with {done} of {len(items)} images colorized in {output} (each output complete; '
+        f'{len(written)} by this run): run the same command with --skip_existing to do the rest',
+        e,
+    ) from None
   return written, failed, kept
 
 
-def main(argv):
-  if not _WORKDIR.value:
+def define_flags(flags):
+  cli.define_config(flags, for_workdir=True)
+  define = dict(flag_values=flags)
+  absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
+  absl_flags.DEFINE_string(
+      'output', None, 'Folder for the colorized PNGs (created if needed).', **define
+  )
+  absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
+  absl_flags.DEFINE_integer(
+      'size',
+      0,
+      'Working resolution (multiple of 8); 0 = the training image size.',
+      lower_bound=0,
+      **define,
+  )
+  absl_flags.DEFINE_bool(
+      'skip_existing',
+      False,
+      'Leave the inputs whose output PNG is there '
+      'already, e.g. to finish an interrupted run (outputs are only ever '
+      'complete files).',
+      **define,
+  )
+
+
+def main(argv, flags):
+  if not flags.workdir:
     raise UserError('--workdir is required')
-  if not _OUTPUT.value:
+  if not flags.output:
     raise UserError('--output is required')
   if len(argv) < 2:
     raise UserError('give at least one input image or folder')
-  config = cli.load_workdir_config(_WORKDIR.value)
-  overridden = 'features.inception_weights' in cli.override_values()
-  written, failed, kept = colorize(_WORKDIR.value, config, argv[1:], _OUTPUT.value, _CHECKPOINT.value, _SIZE.value,
-                                   config.features.inception_weights if overridden else None,
-                                   skip_existing=_SKIP_EXISTING.value)
+  config = cli.load_workdir_config(flags, flags.workdir)
+  overridden = 'features.inception_weights' in cli.override_values(flags)
+  weights = config.features.inception_weights if overridden else None
+  written, failed, kept = colorize(
+      flags.workdir,
+      config,
+      argv[1:],
+      flags.output,
+      flags.checkpoint,
+      flags.size,
+      weights,
+      skip_existing=flags.skip_existing,
+  )
   for path, reason in failed:
     print(f'skipped {path}: {reason}')
-  print(f'colorized {len(written)} image(s) into {_OUTPUT.value}'
-        + (f'; {len(kept)} already there (--skip_existing)' if kept else '')
-        + (f'; {len(failed)} failed' if failed else ''))
+  print(
+      f'colorized {len(written)} image(s) into {flags.output}'
+      + (f'; {len(kept)} already there (--skip_existing)' if kept else '')
+      + (f'; {len(failed)} failed' if failed else '')
+  )
   return 1 if failed else 0
 
 
 def entry_point():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == '__main__':

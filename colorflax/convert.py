@@ -10,12 +10,16 @@ from colorflax.errors import UserError
 
 def _prefix_free(state_dict):
   """Accept the usual wrappers: {'state_dict': ...} and DataParallel's 'module.' prefix."""
-  if isinstance(state_dict, dict) and 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
+  if (
+      isinstance(state_dict, dict)
+      and 'state_dict' in state_dict
+      and isinstance(state_dict['state_dict'], dict)
+  ):
     state_dict = state_dict['state_dict']
   if not isinstance(state_dict, dict):
     raise UserError(f'expected a state_dict (a dict of tensors), got {type(state_dict).__name__}')
   if state_dict and all(k.startswith('module.') for k in state_dict):
-    state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    state_dict = {k[len('module.') :]: v for k, v in state_dict.items()}
   return state_dict
 
 
@@ -59,7 +63,8 @@ def torch_to_flax(state_dict):
 
 
 def load_torch_checkpoint(path):
-  """A prototype `.pth` -> (model, variables) with `model.apply(variables, L, embedding, train=False)`.
+  """A prototype `.pth` -> (model, variables), for
+  `model.apply(variables, L, embedding, train=False)`.
 
   L: (B, H, W, 1) = L*/100 in [0, 1]; embedding: (B, 1000); returns (B, H, W, 2) = ab/128.
   """

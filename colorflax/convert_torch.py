@@ -3,13 +3,11 @@ orbax checkpoint that `colorflax.evaluate` and `colorflax.colorize` read like a 
 
 import os
 
+from absl import flags as absl_flags
 
 from colorflax import checkpoints, cli
-from configs import default
 from colorflax.errors import UserError
-
-_WORKDIR = cli.define_string('workdir', None, 'Directory to write the checkpoint into.')
-_OVERWRITE = cli.define_bool('overwrite', False, 'Replace a checkpoint already in --workdir.')
+from configs import default
 
 
 def convert(pth_path, workdir, overwrite=False):
@@ -17,10 +15,16 @@ def convert(pth_path, workdir, overwrite=False):
   from colorflax import convert as convert_lib  # imports torch: only this command needs it
 
   model, variables = convert_lib.load_torch_checkpoint(pth_path)
-  if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(checkpoints.checkpoint_dir(workdir)):
+  if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(
+      checkpoints.checkpoint_dir(workdir)
+  ):
     if not overwrite:
-      raise UserError(f'{checkpoints.checkpoint_dir(workdir)} already holds checkpoints; pass --overwrite to replace them')
+      raise UserError(
+          f'{checkpoints.checkpoint_dir(workdir)} already holds checkpoints; '
+          'pass --overwrite to replace them'
+      )
     import shutil
+
     shutil.rmtree(checkpoints.checkpoint_dir(workdir))
   config = default.get_config()
   # The prototype's features: ImageNet Inception-v3 logits (or the pooled 2048 if its dec1 says so).
@@ -28,24 +32,38 @@ def convert(pth_path, workdir, overwrite=False):
   config.features.kind = 'logits' if model.embedding_dim == 1000 else 'pool'
   checkpoints.write_config(workdir, config)
   mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 0, model=variables,
-                   meta={'epoch': 0, 'source': checkpoints.IMPORTED, 'torch_checkpoint': os.path.abspath(pth_path)})
+  checkpoints.save(
+      mngr,
+      0,
+      model=variables,
+      meta={
+          'epoch': 0,
+          'source': checkpoints.IMPORTED,
+          'torch_checkpoint': os.path.abspath(pth_path),
+      },
+  )
   checkpoints.wait(mngr)
   mngr.close()
   return 0
 
 
-def main(argv):
+def define_flags(flags):
+  define = dict(flag_values=flags)
+  absl_flags.DEFINE_string('workdir', None, 'Directory to write the checkpoint into.', **define)
+  absl_flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint already in --workdir.', **define)
+
+
+def main(argv, flags):
   if len(argv) != 2:
     raise UserError('usage: python -m colorflax.convert_torch SEED.pth --workdir DIR')
-  if not _WORKDIR.value:
+  if not flags.workdir:
     raise UserError('--workdir is required')
-  convert(argv[1], cli.output_folder(_WORKDIR.value, 'workdir'), _OVERWRITE.value)
-  print(f'wrote {checkpoints.checkpoint_dir(_WORKDIR.value)}/0 from {argv[1]}')
+  convert(argv[1], cli.output_folder(flags.workdir, 'workdir'), flags.overwrite)
+  print(f'wrote {checkpoints.checkpoint_dir(flags.workdir)}/0 from {argv[1]}')
 
 
 def entry_point():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == '__main__':

@@ -15,9 +15,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from colorflax import augment, color
+from colorflax import augment, color, distributed
 from colorflax.errors import UserError
 
 
@@ -31,7 +30,8 @@ def split_indices(n, val_fraction, seed):
 
 
 def epoch_order(n_train, seed, epoch):
-  """The training rows' order in `epoch`: a function of (seed, epoch) only, so resuming replays it."""
+  """The training rows' order in `epoch`: a function of (seed, epoch) only, so that resuming
+  replays it."""
   return np.random.default_rng([seed, epoch, 0xE90C]).permutation(n_train).astype(np.int32)
 
 
@@ -40,7 +40,9 @@ def lab_batch(images_uint8, key, augment_config, train):
   rgb = color.uint8_to_unit(images_uint8)
   if train:
     a = augment_config
-    rgb = augment.random_affine(key, rgb, a.rotation_degrees, a.shear, a.flip_probability, a.fill_mode)
+    rgb = augment.random_affine(
+        key, rgb, a.rotation_degrees, a.shear, a.flip_probability, a.fill_mode
+    )
     rgb = jnp.clip(rgb, 0.0, 1.0)
   l_norm, ab_norm = color.normalize_lab(color.rgb_to_lab(rgb))
   return l_norm, ab_norm, rgb
@@ -52,6 +54,9 @@ def _available_device_bytes(device):
     return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
   # CPU: device memory is host memory.
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
+
+
+PLACEMENTS = ('auto', 'resident', 'streaming')  # data.placement
 
 
 def decide_resident(mode, nbytes, budget_fraction):
@@ -105,20 +110,30 @@ class ResidentFeeder:
   """
 
   def __init__(self, cache, train_rows, val_rows, mesh, config, batch, steps_per_epoch, eval_batch):
-    replicated = NamedSharding(mesh, P())
+    replicated = distributed.replicated(mesh)
     # Gather each split's rows once on the host (one pass over the memmap), then upload.
-    self.train = tuple(global_array(np.asarray(a[train_rows]), replicated) for a in (cache.images, cache.embeddings))
-    self.val = tuple(global_array(np.asarray(a[val_rows]), replicated) for a in (cache.images, cache.embeddings))
+    self.train = tuple(
+        global_array(np.asarray(a[train_rows]), replicated)
+        for a in (cache.images, cache.embeddings)
+    )
+    self.val = tuple(
+        global_array(np.asarray(a[val_rows]), replicated) for a in (cache.images, cache.embeddings)
+    )
     self.n_train, self.n_val = len(train_rows), len(val_rows)
-    self.seed, self.batch, self.steps_per_epoch, self.eval_batch = config.seed, batch, steps_per_epoch, eval_batch
-    self.dispatch_sharding = NamedSharding(mesh, P(None, 'data'))  # (K, B): shard B
-    self.batch_sharding = NamedSharding(mesh, P('data'))
+    self.seed, self.batch, self.steps_per_epoch, self.eval_batch = (
+        config.seed,
+        batch,
+        steps_per_epoch,
+        eval_batch,
+    )
+    self.dispatch_sharding = distributed.dispatch_sharding(mesh)  # (K, B): shard B
+    self.batch_sharding = distributed.batch_sharding(mesh)
 
   def train_dispatches(self, first_step, sizes):
     epoch, pos = divmod(first_step, self.steps_per_epoch)
     order = epoch_order(self.n_train, self.seed, epoch)
     for n in sizes:
-      idx = order[pos * self.batch:(pos + n) * self.batch].reshape(n, self.batch)
+      idx = order[pos * self.batch : (pos + n) * self.batch].reshape(n, self.batch)
       yield self.train, global_array(idx, self.dispatch_sharding)
       pos += n
 
@@ -126,7 +141,9 @@ class ResidentFeeder:
     """Validation batches in split order; the last is padded with row 0 (mask it)."""
     for start in range(0, self.n_val, self.eval_batch):
       idx = np.zeros(self.eval_batch, np.int32)
-      idx[:min(self.eval_batch, self.n_val - start)] = np.arange(start, min(start + self.eval_batch, self.n_val))
+      idx[: min(self.eval_batch, self.n_val - start)] = np.arange(
+          start, min(start + self.eval_batch, self.n_val)
+      )
       yield self.val, global_array(idx, self.batch_sharding)
 
   def checkpoint_state(self):

@@ -11,41 +11,24 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from absl import flags as absl_flags
 
-from colorflax import checkpoints, cli, color, device_pipeline, features_cache, metrics, reporting
+from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, losses
+from colorflax import model as model_lib
+from colorflax import reporting
 from colorflax.errors import UserError
 
-cli.define_config_flag(default=cli.default_config_path(), for_workdir=True)
-_WORKDIR = cli.define_string('workdir', None, 'A training (or convert_torch) workdir.')
-_CHECKPOINT = cli.define_string('checkpoint', 'best', "'best', 'latest' or a step number.")
-_SPLIT = cli.define_string('split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.")
-_JSON = cli.define_string('json', None, 'Also write the metrics to this JSON file.')
-_SAMPLES = cli.define_integer('samples', 0, 'Write a grid of N images: grayscale | predicted | actual.')
-_PER_IMAGE = cli.define_string('per_image', None, "Also write every image's metrics to this CSV file "
-                               '(its cache row and source file first), e.g. to find the worst ones.')
+SPLITS = ('val', 'train', 'all')
 
 
 def per_image_metrics(model):
   """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,)."""
 
   def fn(variables, images, embeddings):
-    rgb = color.uint8_to_unit(images)
-    lab = color.rgb_to_lab(rgb)
-    l_norm, ab_norm = color.normalize_lab(lab)
+    l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
     pred = model.apply(variables, l_norm, embeddings, train=False)
-    out = {'mse': jnp.mean(jnp.square(pred - ab_norm), axis=(1, 2, 3)),
-           'mse_gray': jnp.mean(jnp.square(ab_norm), axis=(1, 2, 3)),
-           'colorfulness_true': metrics.colorfulness(rgb)}
-    for name, ab in (('', pred), ('_gray', jnp.zeros_like(pred))):
-      rebuilt = color.lab_norm_to_rgb(l_norm, ab)
-      out['psnr' + name] = metrics.psnr(rebuilt, rgb)
-      out['ssim' + name] = metrics.ssim(rebuilt, rgb)
-      out['auc' + name] = metrics.ab_error_auc(ab * color.AB_SCALE, lab[..., 1:])
-      out['colorfulness' + name] = metrics.colorfulness(rebuilt)
-    return out
+    return losses.image_metrics(pred, l_norm, ab_norm, rgb, full=True)
 
   return jax.jit(fn)
 
@@ -53,8 +36,19 @@ def per_image_metrics(model):
 def summarize(per_image: dict) -> dict:
   m = {k: np.asarray(v, np.float64) for k, v in per_image.items()}
   out = {'num_images': int(len(m['mse']))}
-  for key in ('mse', 'mse_gray', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'auc', 'auc_gray',
-              'colorfulness', 'colorfulness_gray', 'colorfulness_true'):
+  for key in (
+      'mse',
+      'mse_gray',
+      'psnr',
+      'psnr_gray',
+      'ssim',
+      'ssim_gray',
+      'auc',
+      'auc_gray',
+      'colorfulness',
+      'colorfulness_gray',
+      'colorfulness_true',
+  ):
     out[key] = float(m[key].mean())
   out['psnr_std'] = float(m['psnr'].std())
   out['psnr_gray_std'] = float(m['psnr_gray'].std())
@@ -63,14 +57,16 @@ def summarize(per_image: dict) -> dict:
 
 
 def split_rows(cache, config, split):
-  train_rows, val_rows = device_pipeline.split_indices(cache.num_images, config.data.val_fraction, config.seed)
+  train_rows, val_rows = device_pipeline.split_indices(
+      cache.num_images, config.data.val_fraction, config.seed
+  )
   if split == 'val':
     return val_rows
   if split == 'train':
     return train_rows
   if split == 'all':
     return np.arange(cache.num_images)
-  raise UserError(f"--split must be 'val', 'train' or 'all', got {split!r}")
+  raise UserError(f'--split must be one of {SPLITS}, got {split!r}')
 
 
 def evaluate(workdir, config, which='best', split='val', batch_size=None, samples=0):
@@ -79,7 +75,7 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   cache = features_cache.open_cache(config.data.cache_dir)
   features_cache.check_matches_config(cache, config, size_is_a_choice=True)
   devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.data_mesh(devices)
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
   rows = split_rows(cache, config, split)
   # As training's validation: eval_batch_size, else the training batch; rounded up to split
@@ -87,10 +83,12 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   batch = batch_size or config.eval_batch_size or config.batch_size
   batch = -(-batch // len(devices)) * len(devices)
   fn = per_image_metrics(model)
-  sharded = NamedSharding(mesh, P('data'))
+  sharded = distributed.batch_sharding(mesh)
   results, in_flight = [], device_pipeline.InFlight()
-  for start in reporting.progress_bar(range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False):
-    chunk = rows[start:start + batch]
+  for start in reporting.progress_bar(
+      range(0, len(rows), batch), desc='evaluate', unit='batch', leave=False
+  ):
+    chunk = rows[start : start + batch]
     n = len(chunk)
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n)])  # static shapes
     images = jax.device_put(np.asarray(cache.images[padded]), sharded)
@@ -107,13 +105,28 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
   grid = None
   if samples:
-    predict = jax.jit(lambda v, l, e: model.apply(v, l, e, train=False))
-    grid = reporting.sample_grid(predict, variables, cache.images[rows[:samples]], cache.embeddings[rows[:samples]])
+    grid = reporting.sample_grid(
+        model_lib.make_predict(model),
+        variables,
+        cache.images[rows[:samples]],
+        cache.embeddings[rows[:samples]],
+    )
   return summary, grid, per_image
 
 
-PER_IMAGE_COLUMNS = ('mse', 'mse_gray', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'auc', 'auc_gray',
-                     'colorfulness', 'colorfulness_gray', 'colorfulness_true')
+PER_IMAGE_COLUMNS = (
+    'mse',
+    'mse_gray',
+    'psnr',
+    'psnr_gray',
+    'ssim',
+    'ssim_gray',
+    'auc',
+    'auc_gray',
+    'colorfulness',
+    'colorfulness_gray',
+    'colorfulness_true',
+)
 
 
 def write_per_image_csv(path, per_image, files):
@@ -122,49 +135,87 @@ def write_per_image_csv(path, per_image, files):
     out = csv.writer(f)
     out.writerow(('row', 'file') + PER_IMAGE_COLUMNS)
     for i, row in enumerate(per_image['row']):
-      out.writerow([int(row), files[row]] + [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS])
+      out.writerow(
+          [int(row), files[row]] + [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS]
+      )
 
 
 def format_table(m):
-  rows = [('MSE (ab/128)', m['mse'], m['mse_gray'], '{:.5f}'),
-          ('PSNR (dB)', m['psnr'], m['psnr_gray'], '{:.2f}'),
-          ('SSIM', m['ssim'], m['ssim_gray'], '{:.4f}'),
-          ('AuC ab error 0-150', m['auc'], m['auc_gray'], '{:.4f}'),
-          ('colourfulness', m['colorfulness'], m['colorfulness_gray'], '{:.2f}')]
-  lines = [f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images",
-           f"{'metric':<22}{'model':>10}{'grayscale':>12}"]
+  rows = [
+      ('MSE (ab/128)', m['mse'], m['mse_gray'], '{:.5f}'),
+      ('PSNR (dB)', m['psnr'], m['psnr_gray'], '{:.2f}'),
+      ('SSIM', m['ssim'], m['ssim_gray'], '{:.4f}'),
+      ('AuC ab error 0-150', m['auc'], m['auc_gray'], '{:.4f}'),
+      ('colourfulness', m['colorfulness'], m['colorfulness_gray'], '{:.2f}'),
+  ]
+  lines = [
+      f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images",
+      f"{'metric':<22}{'model':>10}{'grayscale':>12}",
+  ]
   lines += [f'{name:<22}{fmt.format(a):>10}{fmt.format(b):>12}' for name, a, b, fmt in rows]
-  lines.append(f"{'colourfulness (truth)':<22}{m['colorfulness_true']:>10.2f}   "
-               f"delta {m['delta_colorfulness']:+.2f}")
+  lines.append(
+      f"{'colourfulness (truth)':<22}{m['colorfulness_true']:>10.2f}   "
+      f"delta {m['delta_colorfulness']:+.2f}"
+  )
   return '\n'.join(lines)
 
 
-def main(argv):
+def define_flags(flags):
+  cli.define_config(flags, for_workdir=True)
+  define = dict(flag_values=flags)
+  absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
+  absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
+  absl_flags.DEFINE_string(
+      'split', 'val', "'val' (the training run's held-out split), 'train' or " "'all'.", **define
+  )
+  absl_flags.DEFINE_string('json', None, 'Also write the metrics to this JSON file.', **define)
+  absl_flags.DEFINE_integer(
+      'samples',
+      0,
+      'Write a grid of N images: grayscale | predicted | actual.',
+      lower_bound=0,
+      **define,
+  )
+  absl_flags.DEFINE_string(
+      'per_image',
+      None,
+      "Also write every image's metrics to this CSV file "
+      '(its cache row and source file first), e.g. to find the worst ones.',
+      **define,
+  )
+
+
+def main(argv, flags):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value:
+  if not flags.workdir:
     raise UserError('--workdir is required')
-  config = cli.load_workdir_config(_WORKDIR.value)
-  json_path = cli.output_file(_JSON.value, 'json')
-  csv_path = cli.output_file(_PER_IMAGE.value, 'per_image')
-  summary, grid, per_image = evaluate(_WORKDIR.value, config, _CHECKPOINT.value, _SPLIT.value, samples=_SAMPLES.value)
+  config = cli.load_workdir_config(flags, flags.workdir)
+  json_path = cli.output_file(flags.json, 'json')
+  csv_path = cli.output_file(flags.per_image, 'per_image')
+  summary, grid, per_image = evaluate(
+      flags.workdir, config, flags.checkpoint, flags.split, samples=flags.samples
+  )
   print(format_table(summary))
   if json_path:
     with open(json_path, 'w') as f:
       json.dump(summary, f, indent=2)
   if csv_path:
-    write_per_image_csv(csv_path, per_image, features_cache.read_manifest(config.data.cache_dir)['files'])
+    write_per_image_csv(
+        csv_path, per_image, features_cache.read_manifest(config.data.cache_dir)['files']
+    )
     print(f'per-image metrics: {csv_path}')
   if grid is not None:
     from PIL import Image
-    path = os.path.join(_WORKDIR.value, 'samples', f'eval_step_{summary["checkpoint_step"]:07d}.png')
+
+    path = os.path.join(flags.workdir, 'samples', f'eval_step_{summary["checkpoint_step"]:07d}.png')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid).save(path)
     print(f'samples: {path}')
 
 
 def entry_point():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == '__main__':

@@ -107,14 +107,21 @@ class CacheWriter:
   def __init__(self, cache_dir, image_size, embedding_dim, expected_rows=0, resume_key=None):
     self.final = os.path.abspath(os.path.expanduser(cache_dir))
     self.tmp = incomplete_dir(cache_dir)
-    self.row_bytes, self.expected_rows = image_size * image_size * 3 + embedding_dim * 4, expected_rows
+    self.row_bytes, self.expected_rows = (
+        image_size * image_size * 3 + embedding_dim * 4,
+        expected_rows,
+    )
     self.resume_key, self.resumed, self.files = resume_key, None, []
     images = (os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
     embeddings = (os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
     with self.writing():
       progress = _read_json(os.path.join(self.tmp, PROGRESS)) if resume_key is not None else None
-      if (isinstance(progress, dict) and progress.get('key') == json.loads(json.dumps(resume_key))
-          and isinstance(progress.get('rows'), int) and isinstance(progress.get('state'), dict)):
+      if (
+          isinstance(progress, dict)
+          and progress.get('key') == json.loads(json.dumps(resume_key))
+          and isinstance(progress.get('rows'), int)
+          and isinstance(progress.get('state'), dict)
+      ):
         self.images = _RowFile.reopen(*images, progress['rows'])
         self.embeddings = _RowFile.reopen(*embeddings, progress['rows'])
         if self.images and self.embeddings:
@@ -139,10 +146,13 @@ class CacheWriter:
       self.abort()
       rows = self.images.rows if hasattr(self, 'images') else 0
       total = max(self.expected_rows, rows)
-      raise UserError(f'cannot write the features cache at {self.final}: {e.strerror or e} (after {rows}'
-                      + (f' of {total}' if total else '') + ' images; the partial cache was deleted). '
-                      + (f'{total} images need about {_size(total * self.row_bytes)}: ' if total else '')
-                      + 'free some space or set data.cache_dir elsewhere') from None
+      raise UserError(
+          f'cannot write the features cache at {self.final}: {e.strerror or e} (after {rows}'
+          + (f' of {total}' if total else '')
+          + ' images; the partial cache was deleted). '
+          + (f'{total} images need about {_size(total * self.row_bytes)}: ' if total else '')
+          + 'free some space or set data.cache_dir elsewhere'
+      ) from None
 
   def append(self, images, embeddings, ids):
     assert len(images) == len(embeddings) == len(ids)
@@ -171,8 +181,12 @@ class CacheWriter:
     self.embeddings.close()
     if os.path.exists(os.path.join(self.tmp, PROGRESS)):
       os.remove(os.path.join(self.tmp, PROGRESS))
-    manifest = {**manifest, 'format_version': FORMAT_VERSION, 'num_images': self.images.rows,
-                'files': self.files}
+    manifest = {
+        **manifest,
+        'format_version': FORMAT_VERSION,
+        'num_images': self.images.rows,
+        'files': self.files,
+    }
     with open(os.path.join(self.tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=1)
       f.flush()
@@ -194,7 +208,9 @@ class CacheWriter:
       if rows is not None and not rows.f.closed:
         try:
           rows.f.close()
-        except OSError:  # its buffered rows cannot be flushed (a full disk): the record predates them
+        except (
+            OSError
+        ):  # its buffered rows cannot be flushed (a full disk): the record predates them
           pass
 
   def abort(self):
@@ -254,10 +270,14 @@ def read_manifest(cache_dir):
   except FileNotFoundError:
     return None
   except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f'{path} is unreadable ({e}); delete {cache_dir} and run precompute_features again') from None
+    raise UserError(
+        f'{path} is unreadable ({e}); delete {cache_dir} and run precompute_features again'
+    ) from None
 
 
-def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_features --config CONFIG') -> Cache:
+def open_cache(
+    cache_dir, precompute_hint='python -m colorflax.precompute_features --config CONFIG'
+) -> Cache:
   """Memory-maps a finished cache and checks that its parts agree with each other."""
   cache_dir = os.path.expanduser(cache_dir)
   if os.path.isfile(cache_dir):
@@ -265,51 +285,85 @@ def open_cache(cache_dir, precompute_hint='python -m colorflax.precompute_featur
   manifest = read_manifest(cache_dir)
   if manifest is None:
     if os.path.isdir(parts_root(cache_dir)):
-      done = sorted(p for p in os.listdir(parts_root(cache_dir))
-                    if not p.endswith('.incomplete') and read_manifest(os.path.join(parts_root(cache_dir), p)))
-      raise UserError(f'{cache_dir} is a sharded cache that has not been merged ({len(done)} finished part(s) in '
-                      f'{parts_root(cache_dir)}); finish every shard, then run: {precompute_hint} --merge')
+      done = sorted(
+          p
+          for p in os.listdir(parts_root(cache_dir))
+          if not p.endswith('.incomplete') and read_manifest(os.path.join(parts_root(cache_dir), p))
+      )
+      raise UserError(
+          f'{cache_dir} is a sharded cache that has not been merged '
+          f'({len(done)} finished part(s) in '
+          f'{parts_root(cache_dir)}); finish every shard, then run: {precompute_hint} --merge'
+      )
     if os.path.exists(incomplete_dir(cache_dir)):
-      raise UserError(f'no features cache at {cache_dir} (an interrupted run left {incomplete_dir(cache_dir)}); '
-                      f'finish it with: {precompute_hint} (the same settings continue from where it stopped)')
+      raise UserError(
+          f'no features cache at {cache_dir} '
+          f'(an interrupted run left {incomplete_dir(cache_dir)}); '
+          f'finish it with: {precompute_hint} (the same settings continue from where it stopped)'
+      )
     raise UserError(f'no features cache at {cache_dir}; build it with: {precompute_hint}')
   if manifest.get('format_version') != FORMAT_VERSION:
-    raise UserError(f'{cache_dir} has cache format {manifest.get("format_version")}, expected {FORMAT_VERSION}; '
-                    f'rebuild it: {precompute_hint} --overwrite')
+    raise UserError(
+        f'{cache_dir} has cache format {manifest.get("format_version")}, '
+        f'expected {FORMAT_VERSION}; '
+        f'rebuild it: {precompute_hint} --overwrite'
+    )
   try:
     images = np.load(os.path.join(cache_dir, 'images.npy'), mmap_mode='r')
     embeddings = np.load(os.path.join(cache_dir, 'embeddings.npy'), mmap_mode='r')
   except (OSError, ValueError) as e:
-    raise UserError(f'{cache_dir} is damaged ({e}); rebuild it: {precompute_hint} --overwrite') from None
+    raise UserError(
+        f'{cache_dir} is damaged ({e}); rebuild it: {precompute_hint} --overwrite'
+    ) from None
   n, s, d = manifest['num_images'], manifest['image_size'], manifest['embedding_dim']
   problems = []
   if images.shape != (n, s, s, 3) or images.dtype != np.uint8:
-    problems.append(f'images.npy is {images.dtype}{images.shape}, manifest says uint8{(n, s, s, 3)}')
+    problems.append(
+        f'images.npy is {images.dtype}{images.shape}, manifest says uint8{(n, s, s, 3)}'
+    )
   if embeddings.shape != (n, d) or embeddings.dtype != np.float32:
-    problems.append(f'embeddings.npy is {embeddings.dtype}{embeddings.shape}, manifest says float32{(n, d)}')
+    problems.append(
+        f'embeddings.npy is {embeddings.dtype}{embeddings.shape}, manifest says float32{(n, d)}'
+    )
   if len(manifest.get('files', [])) != n:
     problems.append(f'manifest lists {len(manifest.get("files", []))} files for {n} rows')
   if problems:
-    raise UserError(f'{cache_dir} is inconsistent: {problems[0]}; rebuild it: {precompute_hint} --overwrite')
+    raise UserError(
+        f'{cache_dir} is inconsistent: {problems[0]}; rebuild it: {precompute_hint} --overwrite'
+    )
   return Cache(cache_dir, manifest, images, embeddings)
 
 
-def check_matches_config(cache, config, hint='python -m colorflax.precompute_features --config CONFIG',
-                         size_is_a_choice=False):
+def check_matches_config(
+    cache,
+    config,
+    hint='python -m colorflax.precompute_features --config CONFIG',
+    size_is_a_choice=False,
+):
   """A cache built for another image size or feature kind than `config` asks for: one clear line.
   `size_is_a_choice` (evaluation: the model is convolutional): name the override that uses the
   cache's size, rather than ask for a rebuild."""
   want_dim = EMBEDDING_DIMS[config.features.kind]
   if cache.image_size != config.data.image_size:
     if size_is_a_choice:
-      raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
-                      f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
-                      f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)')
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
-                    f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite')
-  if cache.embedding_dim != want_dim or cache.manifest.get('embedding_kind') != config.features.kind:
-    raise UserError(f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} features '
-                    f'({cache.embedding_dim}-d) but features.kind is {config.features.kind}; rebuild it: {hint} --overwrite')
+      raise UserError(
+          f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
+          f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
+          f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)'
+      )
+    raise UserError(
+        f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '
+        f'data.image_size is {config.data.image_size}; rebuild it: {hint} --overwrite'
+    )
+  if (
+      cache.embedding_dim != want_dim
+      or cache.manifest.get('embedding_kind') != config.features.kind
+  ):
+    raise UserError(
+        f'the cache at {config.data.cache_dir} holds {cache.manifest.get("embedding_kind")} '
+        f'features ({cache.embedding_dim}-d) but features.kind is {config.features.kind}; '
+        f'rebuild it: {hint} --overwrite'
+    )
 
 
 def check_built_for(cache, config, hint='python -m colorflax.precompute_features --config CONFIG'):
@@ -325,12 +379,20 @@ def check_built_for(cache, config, hint='python -m colorflax.precompute_features
     wanted = sources.describe(config, settings['seed'])
     if wanted != recorded:  # not --overwrite: that cache may have taken hours to build
       synthetic = re.fullmatch(r'synthetic \((\d+) landscapes, seed .*\)', recorded)
-      fits = (f'--config.data.source=synthetic --config.data.synthetic_images={synthetic.group(1)}' if synthetic
-              else f'--config.data.source={shlex.quote(recorded)}')
-      raise UserError(f'{where} was built from {recorded}, but data.source names {wanted}: to train on this '
-                      f'cache, add {fits}; to train on {wanted}, build its own cache ({hint}) in another data.cache_dir')
+      fits = (
+          f'--config.data.source=synthetic --config.data.synthetic_images={synthetic.group(1)}'
+          if synthetic
+          else f'--config.data.source={shlex.quote(recorded)}'
+      )
+      raise UserError(
+          f'{where} was built from {recorded}, but data.source names {wanted}: to train on this '
+          f'cache, add {fits}; to train on {wanted}, build its own cache ({hint}) '
+          'in another data.cache_dir'
+      )
   # The run's config.json must say how its images were resized: colorization resizes new ones so.
   if 'resize' in settings and settings['resize'] != config.data.resize:
-    raise UserError(f'{where} was built with data.resize={settings["resize"]}, but this config has '
-                    f'{config.data.resize}: train on it with --config.data.resize={settings["resize"]}, or '
-                    f'rebuild it: {hint} --overwrite')
+    raise UserError(
+        f'{where} was built with data.resize={settings["resize"]}, but this config has '
+        f'{config.data.resize}: train on it with --config.data.resize={settings["resize"]}, or '
+        f'rebuild it: {hint} --overwrite'
+    )

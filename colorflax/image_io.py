@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
+RESIZE_MODES = ('squash', 'center_crop')  # data.resize
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 GRAY_TOLERANCE = 3  # max |R-G|, |G-B| (uint8) for a pixel to count as gray
 
@@ -71,14 +72,18 @@ def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
   except Image.UnidentifiedImageError:
     raise SkipImage('not an image') from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:
-    raise SkipImage(f'unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    raise SkipImage(
+        f'unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}'
+    ) from None
 
 
-def prepare(source, size: int, mode: str, skip_grayscale: bool = True,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def prepare(
+    source, size: int, mode: str, skip_grayscale: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
   """Decode, orient, convert and resize: uint8 (size, size, 3), or SkipImage."""
   if isinstance(source, str):
     import os
+
     if os.path.getsize(source) == 0:
       raise SkipImage('empty file')
   img = load_rgb(source, max_pixels)

@@ -38,7 +38,9 @@ def preprocess(images_uint8) -> torch.Tensor:
     w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype)
     x = (x * w).sum(-1)
   x = x[:, None]
-  x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode='bilinear', align_corners=False, antialias=True)
+  x = F.interpolate(
+      x, size=(INPUT_SIZE, INPUT_SIZE), mode='bilinear', align_corners=False, antialias=True
+  )
   x = x.expand(-1, 3, -1, -1)
   mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -62,14 +64,18 @@ def load_model(weights: str, seed: int = 0):
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       if weights == 'imagenet':
         raise UserError(
-            f'features.inception_weights=imagenet: could not load torchvision IMAGENET1K_V1 ({reason}). '
+            'features.inception_weights=imagenet: could not load torchvision IMAGENET1K_V1 '
+            f'({reason}). '
             f'Offline? Copy {Inception_V3_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]} into '
-            f'{os.path.join(torch.hub.get_dir(), "checkpoints")} or pass its path') from None
+            f'{os.path.join(torch.hub.get_dir(), "checkpoints")} or pass its path'
+        ) from None
       bar = '!' * 78
-      print(f'{bar}\nWARNING: could not load ImageNet Inception-v3 weights ({reason}).\n'
-            f'Falling back to RANDOM weights (calibrated). Features will carry little semantic '
-            f'information;\nset features.inception_weights to a .pth path for real use.\n{bar}',
-            file=sys.stderr)
+      print(
+          f'{bar}\nWARNING: could not load ImageNet Inception-v3 weights ({reason}).\n'
+          f'Falling back to RANDOM weights (calibrated). Features will carry little semantic '
+          f'information;\nset features.inception_weights to a .pth path for real use.\n{bar}',
+          file=sys.stderr,
+      )
       weights = 'random'
   torch.manual_seed(seed)
   model = _architecture()
@@ -78,19 +84,26 @@ def load_model(weights: str, seed: int = 0):
   path = os.path.expanduser(weights)
   try:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(state_dict, dict):  # name the first mismatch: load_state_dict's text lists them all
+    if isinstance(
+        state_dict, dict
+    ):  # name the first mismatch: load_state_dict's text lists them all
       names = set(model.state_dict())
       missing, unexpected = sorted(names - set(state_dict)), sorted(set(state_dict) - names)
       if missing or unexpected:
-        raise ValueError(f'{len(missing)} missing keys, {len(unexpected)} unexpected, e.g. '
-                         + (f'no {missing[0]!r}' if missing else f'{unexpected[0]!r}'))
+        raise ValueError(
+            f'{len(missing)} missing keys, {len(unexpected)} unexpected, e.g. '
+            + (f'no {missing[0]!r}' if missing else f'{unexpected[0]!r}')
+        )
     model.load_state_dict(state_dict)
   except FileNotFoundError:
     raise UserError(f'features.inception_weights: no such file: {weights}') from None
   except Exception as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     first = lines[1] if lines[0].startswith('Error(s) in loading') and len(lines) > 1 else lines[0]
-    raise UserError(f'features.inception_weights: {weights} is not a torchvision Inception-v3 state_dict ({first})') from None
+    raise UserError(
+        f'features.inception_weights: {weights} is not a torchvision Inception-v3 '
+        f'state_dict ({first})'
+    ) from None
   return model.eval(), f'file:{os.path.abspath(path)}'
 
 
@@ -117,8 +130,11 @@ def calibrate(model, batches):
 
 def save_batchnorm_stats(model, path):
   """The BatchNorm running statistics (a few hundred KB), which calibration changed."""
-  stats = {k: v.detach().cpu() for k, v in model.state_dict().items()
-           if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))}
+  stats = {
+      k: v.detach().cpu()
+      for k, v in model.state_dict().items()
+      if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+  }
   torch.save(stats, path)
 
 
@@ -133,22 +149,26 @@ def load_for_cache(manifest, cache_dir, override=None):
   elif recorded.startswith('imagenet'):
     weights, seed = 'imagenet', 0
   elif recorded.startswith('file:'):
-    weights, seed = recorded[len('file:'):], 0
+    weights, seed = recorded[len('file:') :], 0
   elif recorded.startswith('random(seed='):
-    weights, seed = 'random', int(recorded[len('random(seed='):-1])
+    weights, seed = 'random', int(recorded[len('random(seed=') : -1])
   else:
     weights, seed = override or 'imagenet', 0
   model, used = load_model(weights, seed=seed)
   if used.startswith('random'):
     if manifest is None:  # the model needs the very network its cache was built with
-      raise UserError(f'no features cache at {cache_dir}: the run was trained on features of calibrated random '
-                      'Inception weights, whose statistics are kept with that cache; point to it with '
-                      '--config.data.cache_dir=DIR')
+      raise UserError(
+          f'no features cache at {cache_dir}: the run was trained on features of calibrated random '
+          'Inception weights, whose statistics are kept with that cache; point to it with '
+          '--config.data.cache_dir=DIR'
+      )
     stats_file = manifest.get('inception_calibration')
     if not stats_file or not cache_dir or not os.path.isfile(os.path.join(cache_dir, stats_file)):
-      raise UserError(f'the cache at {cache_dir} has lost its calibrated Inception statistics '
-                      f'({stats_file or "not recorded"}), which its features came from; rebuild it: '
-                      'python -m colorflax.precompute_features --config CONFIG --overwrite')
+      raise UserError(
+          f'the cache at {cache_dir} has lost its calibrated Inception statistics '
+          f'({stats_file or "not recorded"}), which its features came from; rebuild it: '
+          'python -m colorflax.precompute_features --config CONFIG --overwrite'
+      )
     stats = torch.load(os.path.join(cache_dir, stats_file), map_location='cpu', weights_only=True)
     model.load_state_dict(stats, strict=False)
   return to_device(model.eval()), used

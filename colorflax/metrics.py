@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_PSNR = 100.0  # dB, reported for an exact match (MSE 0)
-AUC_THRESHOLDS = np.arange(0.0, 151.0, dtype=np.float32)  # ab distance thresholds 0..150 (Zhang et al. 2016)
+AUC_THRESHOLDS = np.arange(
+    0.0, 151.0, dtype=np.float32
+)  # ab distance thresholds 0..150 (Zhang et al. 2016)
 
 
 def psnr(a, b):

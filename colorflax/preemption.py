@@ -7,7 +7,7 @@ loop asks `requested()` after every dispatch and, once it says yes, saves a chec
 
 - One process: SIGTERM, Ctrl-C (SIGINT) and SIGHUP set a flag; a second one of any acts as it
   would have without this: training ends at once, without the checkpoint (under `cli.run`,
-  every entry point, with its one line: SIGTERM and SIGHUP raise `cli.Stopped` as Ctrl-C
+  every entry point, with its one line: SIGTERM and SIGHUP raise `signals.Stopped` as Ctrl-C
   raises KeyboardInterrupt; a third one kills).
 - Several processes: their checkpoint is written collectively, so they must all stop after the
   same dispatch, whichever of them got the signal. `jax.distributed` catches SIGTERM itself
@@ -28,7 +28,7 @@ import sys
 
 import jax
 
-from colorflax import cli
+from colorflax import signals
 
 
 class StopRequest:
@@ -45,8 +45,8 @@ class StopRequest:
     else:
       handled = dict.fromkeys((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), self._handle)
     self._listening = contextlib.ExitStack()
-    self._previous = self._listening.enter_context(cli.signal_handlers(handled))
-    self._listening.enter_context(cli.output_guarded(self._output_lost))
+    self._previous = self._listening.enter_context(signals.signal_handlers(handled))
+    self._listening.enter_context(signals.output_guarded(self._output_lost))
 
   def close(self):
     self._listening.close()
@@ -55,13 +55,17 @@ class StopRequest:
     self.signal_name = signal.Signals(signum).name
     signal.signal(signum, self._previous[signum])  # the second one is not held back
     try:
-      print(f'\n{self.signal_name} received: stopping after this dispatch with a checkpoint '
-            f'(send it again to stop at once)', file=sys.stderr, flush=True)
+      print(
+          f'\n{self.signal_name} received: stopping after this dispatch with a checkpoint '
+          f'(send it again to stop at once)',
+          file=sys.stderr,
+          flush=True,
+      )
     except RuntimeError:  # the signal came in the middle of a write to stderr ("reentrant call")
       pass
 
   def _output_lost(self, error):
-    """A write to stdout or stderr failed for good (cli.output_guarded has sent that stream to
+    """A write to stdout or stderr failed for good (signals.output_guarded has sent that stream to
     /dev/null): training stops."""
     if self.signal_name is None:
       if _distributed():

@@ -9,12 +9,14 @@ import time
 
 import numpy as np
 
+
 def sample_grid(predict, variables, images, embeddings):
   """grayscale | predicted | actual, one column per image: uint8 (3*S, n*S, 3), or None.
 
   predict(variables, L/100, embeddings) -> ab/128; images uint8 (n, S, S, 3).
   """
   from colorflax import color
+
   if len(images) == 0:
     return None
   rgb = np.asarray(images, np.float32) / 255.0
@@ -67,17 +69,30 @@ def progress_bar(iterable=None, **kwargs):
   """tqdm's bar on a terminal. In a log file (SLURM, CI, `2> log`) a bar is one endless line of
   carriage returns; there it is a plain line at most every LOG_EVERY_SECONDS instead."""
   from tqdm import tqdm
+
   if not _interactive():
-    kwargs.update(file=_LogLines(), mininterval=LOG_EVERY_SECONDS, dynamic_ncols=False,
-                  bar_format='{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, '
-                             '{remaining} left, {rate_fmt}{postfix}')
+    kwargs.update(
+        file=_LogLines(),
+        mininterval=LOG_EVERY_SECONDS,
+        dynamic_ncols=False,
+        bar_format='{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, '
+        '{remaining} left, {rate_fmt}{postfix}',
+    )
   return tqdm(iterable, **kwargs)
 
 
 class _Progress:
+
   def __init__(self, total, initial, enabled):
-    self.bar = progress_bar(total=total, initial=initial, unit='step', disable=not enabled, smoothing=0.05,
-                            dynamic_ncols=True, desc='train')
+    self.bar = progress_bar(
+        total=total,
+        initial=initial,
+        unit='step',
+        disable=not enabled,
+        smoothing=0.05,
+        dynamic_ncols=True,
+        desc='train',
+    )
     self.start, self.images = time.time(), 0
 
   def update(self, steps, loss, images):
@@ -91,6 +106,7 @@ class _Progress:
 
 
 class Reporter:
+
   def __init__(self, workdir, enabled=True):
     self.workdir, self.enabled = workdir, enabled
     self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -127,14 +143,19 @@ class Reporter:
         tb.add_scalar(key, value, metrics['step'])
     tb.flush()
     from tqdm import tqdm
-    tqdm.write(f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.5f} val_loss {metrics['val_loss']:.5f} "
-               f"val_psnr {metrics['val_psnr']:.2f} (gray {metrics['val_psnr_gray']:.2f}) lr {metrics['lr']:.2e} "
-               f"{metrics['images_per_sec']:.1f} img/s")
+
+    tqdm.write(
+        f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.5f} "
+        f"val_loss {metrics['val_loss']:.5f} val_psnr {metrics['val_psnr']:.2f} "
+        f"(gray {metrics['val_psnr_gray']:.2f}) lr {metrics['lr']:.2e} "
+        f"{metrics['images_per_sec']:.1f} img/s"
+    )
 
   def samples(self, epoch, grid):
     if not self.enabled or grid is None:
       return
     from PIL import Image
+
     folder = os.path.join(self.workdir, 'samples')
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f'epoch_{epoch:04d}.png')

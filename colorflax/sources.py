@@ -37,7 +37,9 @@ class FolderSource:
           found.append(os.path.relpath(os.path.join(dirpath, name), self.root))
     self.ids = sorted(found)
     if not self.ids:
-      raise UserError(f'data.source: no images ({", ".join(image_io.IMAGE_EXTENSIONS)}) found in {root}')
+      raise UserError(
+          f'data.source: no images ({", ".join(image_io.IMAGE_EXTENSIONS)}) found in {root}'
+      )
     self.description = self.root
 
   def item(self, i):
@@ -62,16 +64,23 @@ class TfdsSource:
       try:
         import tensorflow_datasets as tfds
       except ImportError:
-        raise UserError("data.source: tfds sources need tensorflow-datasets: pip install 'colorflax[tfds]'") from None
+        raise UserError(
+            "data.source: tfds sources need tensorflow-datasets: pip install 'colorflax[tfds]'"
+        ) from None
       try:
-        self._ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
-                                    decoders={self.image_key: tfds.decode.SkipDecoding()})
+        self._ds = tfds.data_source(
+            self.name,
+            split=self.split,
+            data_dir=self.data_dir,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+        )
       except Exception as e:  # not found, not prepared, not array_record, unknown split
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f'data.source: cannot open tfds:{self.name}:{self.split} ({first}). Prepare it once '
             f'(this step needs TensorFlow): tfds build {self.name} --file_format=array_record'
-            + (f' --data_dir={self.data_dir}' if self.data_dir else '')) from None
+            + (f' --data_dir={self.data_dir}' if self.data_dir else '')
+        ) from None
     return self._ds
 
   def __getstate__(self):  # workers reopen the data source themselves
@@ -80,8 +89,10 @@ class TfdsSource:
   def item(self, i):
     record = self._open()[i]
     if self.image_key not in record:
-      raise UserError(f'data.tfds_image_key: {self.image_key!r} is not a feature of {self.description} '
-                      f'(it has {sorted(record)})')
+      raise UserError(
+          f'data.tfds_image_key: {self.image_key!r} is not a feature of {self.description} '
+          f'(it has {sorted(record)})'
+      )
     return bytes(record[self.image_key])
 
 

@@ -26,9 +26,8 @@ import grain
 from absl import flags
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from colorflax import cli
+from colorflax import distributed, signals
 from colorflax.device_pipeline import epoch_order
 from colorflax.errors import UserError
 
@@ -86,7 +85,11 @@ class EvalBatch:
 
   def __init__(self, cache_dir, split_rows, batch, positions):
     self.source = CacheRows(cache_dir)
-    self.split_rows, self.batch, self.positions = np.asarray(split_rows), batch, np.asarray(positions)
+    self.split_rows, self.batch, self.positions = (
+        np.asarray(split_rows),
+        batch,
+        np.asarray(positions),
+    )
 
   def __call__(self, j):
     idx = j * self.batch + self.positions
@@ -103,7 +106,9 @@ def process_positions(sharding, global_batch):
 
 
 def _read_options(config):
-  return grain.ReadOptions(num_threads=config.data.stream_threads, prefetch_buffer_size=config.data.stream_prefetch)
+  return grain.ReadOptions(
+      num_threads=config.data.stream_threads, prefetch_buffer_size=config.data.stream_prefetch
+  )
 
 
 class IteratorState:
@@ -144,15 +149,34 @@ class StreamFeeder:
   to save with the training state it produced.
   """
 
-  def __init__(self, cache_dir, train_rows, val_rows, mesh, config, batch, steps_per_epoch, eval_batch,
-               total_steps, start_step, restored: IteratorState | None = None):
-    self.cache_dir, self.val_rows, self.config, self.eval_batch = cache_dir, val_rows, config, eval_batch
+  def __init__(
+      self,
+      cache_dir,
+      train_rows,
+      val_rows,
+      mesh,
+      config,
+      batch,
+      steps_per_epoch,
+      eval_batch,
+      total_steps,
+      start_step,
+      restored: IteratorState | None = None,
+  ):
+    self.cache_dir, self.val_rows, self.config, self.eval_batch = (
+        cache_dir,
+        val_rows,
+        config,
+        eval_batch,
+    )
     self.batch = batch
-    self.dispatch_sharding = NamedSharding(mesh, P(None, 'data'))
-    self.batch_sharding = NamedSharding(mesh, P('data'))
+    self.dispatch_sharding = distributed.dispatch_sharding(mesh)
+    self.batch_sharding = distributed.batch_sharding(mesh)
     positions = process_positions(self.batch_sharding, batch)
     if restored is None or restored.iterator_state is None:
-      restored = IteratorState(first_step=start_step)  # a fresh run, or a checkpoint without stream state
+      restored = IteratorState(
+          first_step=start_step
+      )  # a fresh run, or a checkpoint without stream state
     self.state = restored
     ds = grain.MapDataset.range(restored.first_step, max(total_steps, restored.first_step))
     ds = ds.map(TrainBatch(cache_dir, train_rows, config.seed, steps_per_epoch, batch, positions))
@@ -160,10 +184,14 @@ class StreamFeeder:
     if config.data.stream_workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; called outside app.run
         flags.FLAGS.mark_as_parsed()
-      cli.start_resource_tracker_without_sighup()
-      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.stream_workers,
-                                                             per_worker_buffer_size=config.data.stream_prefetch),
-                                worker_init_fn=_leave_stop_signals_to_training)
+      signals.start_resource_tracker_without_sighup()
+      it_ds = it_ds.mp_prefetch(
+          grain.MultiprocessingOptions(
+              num_workers=config.data.stream_workers,
+              per_worker_buffer_size=config.data.stream_prefetch,
+          ),
+          worker_init_fn=_leave_stop_signals_to_training,
+      )
     self.iterator = iter(it_ds)
     if restored.iterator_state is not None:
       self.iterator.set_state(restored.iterator_state)
@@ -179,11 +207,15 @@ class StreamFeeder:
   def _assemble(self, elements, expected_first):
     steps = [int(e['step']) for e in elements]
     if steps != list(range(expected_first, expected_first + len(elements))):
-      raise UserError(f'the data stream delivered steps {steps[0]}..{steps[-1]} where the training state '
-                      f'expects {expected_first}..{expected_first + len(elements) - 1}: the checkpoint\'s '
-                      f'stream state does not belong to its step')
-    return tuple(self._global(np.stack([e[key] for e in elements]), self.dispatch_sharding, 1, self.batch)
-                 for key in ('images', 'embeddings'))
+      raise UserError(
+          f'the data stream delivered steps {steps[0]}..{steps[-1]} where the training state '
+          f"expects {expected_first}..{expected_first + len(elements) - 1}: the checkpoint's "
+          f'stream state does not belong to its step'
+      )
+    return tuple(
+        self._global(np.stack([e[key] for e in elements]), self.dispatch_sharding, 1, self.batch)
+        for key in ('images', 'embeddings')
+    )
 
   def train_dispatches(self, first_step, sizes):
     q = queue.Queue(maxsize=self.prefetch)
@@ -226,10 +258,14 @@ class StreamFeeder:
     """Validation batches in split order; the last is padded with row 0 (mask it)."""
     positions = process_positions(self.batch_sharding, self.eval_batch)
     n = -(-len(self.val_rows) // self.eval_batch)
-    ds = grain.MapDataset.range(n).map(EvalBatch(self.cache_dir, self.val_rows, self.eval_batch, positions))
+    ds = grain.MapDataset.range(n).map(
+        EvalBatch(self.cache_dir, self.val_rows, self.eval_batch, positions)
+    )
     for e in ds.to_iter_dataset(_read_options(self.config)):
-      yield None, tuple(self._global(e[key], self.batch_sharding, 0, self.eval_batch)
-                        for key in ('images', 'embeddings'))
+      yield None, tuple(
+          self._global(e[key], self.batch_sharding, 0, self.eval_batch)
+          for key in ('images', 'embeddings')
+      )
 
   def checkpoint_state(self):
     return self.state

@@ -41,7 +41,7 @@ def value_noise(rng, h, w, cells):
 def fractal_noise(rng, h, w, cells=4, octaves=4):
   total, norm, amp = np.zeros((h, w)), 0.0, 1.0
   for o in range(octaves):
-    total += amp * value_noise(rng, h, w, cells * 2 ** o)
+    total += amp * value_noise(rng, h, w, cells * 2**o)
     norm += amp
     amp *= 0.5
   return total / norm
@@ -78,7 +78,7 @@ def landscape(index: int, size: int, seed: int = 0) -> np.ndarray:
   # Clouds by day: soft white patches.
   if not sunset:
     cloud = np.clip((fractal_noise(rng, s, s, 3, 4) - rng.uniform(0.55, 0.7)) * 4, 0, 1)
-    cloud *= (yy < horizon * 0.8)
+    cloud *= yy < horizon * 0.8
     img = img * (1 - cloud[..., None]) + np.array([0.97, 0.97, 0.98]) * cloud[..., None]
 
   # Mountains: one or two ridges rising from the horizon, snow above a snowline.
@@ -107,7 +107,11 @@ def landscape(index: int, size: int, seed: int = 0) -> np.ndarray:
     ripples = 0.85 + 0.15 * np.sin(yy * s * 1.7 + 3 * value_noise(rng, s, s, 6))
     water = (WATER * (0.8 + 0.4 * (1 - depth))[..., None]) * ripples[..., None]
     sand_end = water_end + rng.uniform(0.05, 0.12)
-    ground = np.where((depth < sand_end)[..., None], SAND * (0.95 + 0.05 * value_noise(rng, s, s, 20))[..., None], ground)
+    ground = np.where(
+        (depth < sand_end)[..., None],
+        SAND * (0.95 + 0.05 * value_noise(rng, s, s, 20))[..., None],
+        ground,
+    )
     ground = np.where((depth < water_end)[..., None], water, ground)
   img = np.where(below[..., None], ground, img)
 

@@ -35,6 +35,7 @@ def _backends_initialized() -> bool:
     return False
   try:
     from jax._src import xla_bridge
+
     return xla_bridge.backends_are_initialized()
   except (ImportError, AttributeError):  # a JAX without it: assume not, as on import
     return False
@@ -47,9 +48,12 @@ def apply_defaults(environ=os.environ) -> list[str]:
   if not added or not _jaxlib_knows_flags():
     return []
   if _backends_initialized():
-    warnings.warn('colorflax was imported after JAX started its backends, so XLA:CPU keeps its '
-                  'YNNPACK convolutions (slower weight gradients: BENCHMARKS.md); import colorflax '
-                  f'first or set XLA_FLAGS="{" ".join(added)}"', stacklevel=3)
+    warnings.warn(
+        'colorflax was imported after JAX started its backends, so XLA:CPU keeps its '
+        'YNNPACK convolutions (slower weight gradients: BENCHMARKS.md); import colorflax '
+        f'first or set XLA_FLAGS="{" ".join(added)}"',
+        stacklevel=3,
+    )
     return []
   environ['XLA_FLAGS'] = ' '.join([current] + added).strip()
   return added

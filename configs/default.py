@@ -6,6 +6,8 @@ the command line: `--config configs/default.py --config.data.source='/data/lands
 
 import ml_collections
 
+from colorflax import image_io
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -21,7 +23,9 @@ def get_config():
   config.data.resize = 'squash'  # 'squash' (area filter, aspect ignored: the seed) | 'center_crop'
   config.data.val_fraction = 0.25
   config.data.skip_grayscale = True  # grayscale-only images hold no colour to learn
-  config.data.max_image_pixels = 89_478_485  # larger images are skipped (decompression bombs)
+  config.data.max_image_pixels = (
+      image_io.DEFAULT_MAX_PIXELS
+  )  # larger are skipped (decompression bombs)
   config.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
   config.data.tfds_image_key = 'image'
 
@@ -43,7 +47,9 @@ def get_config():
   # 'auto' (on a single CPU device), 'true' or 'false'.
   config.model.polyphase_dec3 = 'auto'
 
-  config.data.placement = 'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
+  config.data.placement = (
+      'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)
+  )
   config.data.device_budget_fraction = 0.5  # 'auto': at most this share of free device memory
   # 'streaming': grain reads each process's slice of every batch from the memory-mapped cache.
   config.data.stream_workers = 0  # grain worker processes (0 = threads in the training process)
@@ -52,10 +58,14 @@ def get_config():
 
   config.num_devices = 0  # use the first N devices of each process (0 = all of them)
   config.batch_size = 8  # global, over all devices
-  config.per_device_batch_size = 0  # if > 0: global batch = this x device count (batch_size ignored)
+  config.per_device_batch_size = (
+      0  # if > 0: global batch = this x device count (batch_size ignored)
+  )
   config.eval_batch_size = 0  # 0 = the training batch
   config.steps_per_dispatch = 8  # optimizer steps per host dispatch (one lax.scan)
-  config.step_loop = 'auto'  # the K steps: 'device' (lax.scan) | 'host' | 'auto' (host on CPU, device elsewhere)
+  config.step_loop = (
+      'auto'  # the K steps: 'device' (lax.scan) | 'host' | 'auto' (host on CPU, device elsewhere)
+  )
   config.num_epochs = 60
   config.learning_rate = 1e-3
 
@@ -63,7 +73,9 @@ def get_config():
   config.augment.rotation_degrees = 20.0
   config.augment.shear = 0.2
   config.augment.flip_probability = 0.5
-  config.augment.fill_mode = 'nearest'  # outside the warped image: 'nearest' edge | 'constant' black
+  config.augment.fill_mode = (
+      'nearest'  # outside the warped image: 'nearest' edge | 'constant' black
+  )
 
   # torch.optim.lr_scheduler.ReduceLROnPlateau(mode='min', patience=10, factor=0.1), stepped
   # on the validation loss once per epoch.

@@ -14,7 +14,9 @@ def _dm_pix_warp(images, matrices, fill_mode):
 
   def one(image, m):
     offset = jnp.concatenate([centre - m @ centre, jnp.zeros(1)])
-    return dm_pix.affine_transform(image, jnp.eye(3).at[:2, :2].set(m), offset=offset, order=1, mode=fill_mode)
+    return dm_pix.affine_transform(
+        image, jnp.eye(3).at[:2, :2].set(m), offset=offset, order=1, mode=fill_mode
+    )
 
   return jax.vmap(one)(images, matrices)
 
@@ -44,6 +46,7 @@ def test_identity_and_flip_are_exact():
 
 def test_warp_does_not_depend_on_how_the_batch_is_split_over_devices():
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   assert jax.device_count() == 4
   images = jax.random.uniform(jax.random.key(0), (8, 32, 24, 3))
   matrices = augment.random_matrices(jax.random.key(1), 8, 20.0, 0.2, 0.5)

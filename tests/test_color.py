@@ -9,8 +9,10 @@ from colorflax import color
 
 def _photos():
   # scikit-image's bundled real colour photographs.
-  return [np.asarray(getattr(skdata, name)(), np.float64) / 255.0
-          for name in ('astronaut', 'coffee', 'chelsea', 'rocket')]
+  return [
+      np.asarray(getattr(skdata, name)(), np.float64) / 255.0
+      for name in ('astronaut', 'coffee', 'chelsea', 'rocket')
+  ]
 
 
 def _cube_extremes():
@@ -40,7 +42,9 @@ def test_lab_to_rgb_matches_skimage_and_round_trips(name, rgb):
   lab = skcolor.rgb2lab(rgb)
   ours = np.asarray(jax.jit(color.lab_to_rgb)(lab.astype(np.float32)))
   assert np.abs(ours - skcolor.lab2rgb(lab)).max() <= 1e-3
-  round_trip = np.asarray(jax.jit(lambda x: color.lab_to_rgb(color.rgb_to_lab(x)))(rgb.astype(np.float32)))
+  round_trip = np.asarray(
+      jax.jit(lambda x: color.lab_to_rgb(color.rgb_to_lab(x)))(rgb.astype(np.float32))
+  )
   assert np.abs(round_trip - rgb).max() <= 1e-3
 
 
@@ -53,7 +57,12 @@ def test_lab_to_rgb_clips_out_of_gamut():
 
 def test_gray_matches_skimage():
   photo = _photos()[0]
-  assert np.abs(np.asarray(color.rgb_to_gray(photo.astype(np.float32))) - skcolor.rgb2gray(photo)).max() <= 1e-5
+  assert (
+      np.abs(
+          np.asarray(color.rgb_to_gray(photo.astype(np.float32))) - skcolor.rgb2gray(photo)
+      ).max()
+      <= 1e-5
+  )
 
 
 def test_seed_normalisation_round_trips():
@@ -89,6 +98,6 @@ def test_fit_ab_to_gamut_keeps_lightness_and_hue_and_takes_the_most_chroma():
   rgb = raw_rgb(fitted)
   assert rgb.min() >= -2e-4 and rgb.max() <= 1 + 2e-4  # now inside
   # ...with the most chroma the bisection can resolve: 1/2^12 more is outside again.
-  more = raw_rgb(ab * np.minimum(scale + 2.0 ** -11, 1.0)[:, None])
+  more = raw_rgb(ab * np.minimum(scale + 2.0**-11, 1.0)[:, None])
   outside_again = np.any((more < -1e-4) | (more > 1 + 1e-4), -1)
   assert outside_again[~inside].mean() > 0.99

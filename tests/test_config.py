@@ -17,23 +17,30 @@ def test_default_is_the_seed_recipe():
   c = default.get_config()
   assert (c.data.image_size, c.batch_size, c.num_epochs, c.learning_rate) == (256, 8, 60, 1e-3)
   assert (c.plateau.patience, c.plateau.factor, c.data.val_fraction) == (10, 0.1, 0.25)
-  assert (c.augment.rotation_degrees, c.augment.shear, c.augment.flip_probability) == (20.0, 0.2, 0.5)
+  assert (c.augment.rotation_degrees, c.augment.shear, c.augment.flip_probability) == (
+      20.0,
+      0.2,
+      0.5,
+  )
   assert (c.model.width, c.model.dtype, c.features.kind) == (1.0, 'float32', 'logits')
   config_validation.validate(c)
   config_validation.validate(quickstart.get_config())
 
 
-@pytest.mark.parametrize('key,value,fragment', [
-    ('batch_size', -8, 'positive integer'),
-    ('data.image_size', 250, 'multiple of 8'),
-    ('data.val_fraction', 1.0, 'strictly between 0 and 1'),
-    ('data.resize', 'stretch', 'squash'),
-    ('features.kind', 'pooled', 'logits'),
-    ('model.dtype', 'float16', 'bfloat16'),
-    ('features.inception_weights', '/nope/inception.pth', 'no such weights file'),
-    ('plateau.factor', 1.5, 'in (0, 1)'),
-    ('init_checkpoint', 'newest', "'best', 'latest' or a step number"),
-])
+@pytest.mark.parametrize(
+    'key,value,fragment',
+    [
+        ('batch_size', -8, 'positive integer'),
+        ('data.image_size', 250, 'multiple of 8'),
+        ('data.val_fraction', 1.0, 'strictly between 0 and 1'),
+        ('data.resize', 'stretch', 'squash'),
+        ('features.kind', 'pooled', 'logits'),
+        ('model.dtype', 'float16', 'bfloat16'),
+        ('features.inception_weights', '/nope/inception.pth', 'no such weights file'),
+        ('plateau.factor', 1.5, 'in (0, 1)'),
+        ('init_checkpoint', 'newest', "'best', 'latest' or a step number"),
+    ],
+)
 def test_invalid_values_name_the_key(key, value, fragment):
   c = default.get_config()
   section, _, name = key.rpartition('.')
@@ -46,14 +53,15 @@ def test_invalid_values_name_the_key(key, value, fragment):
 
 _PROGRAM = """
 from colorflax import cli
-CONFIG = cli.define_config_flag()
-cli.run(lambda argv: print(cli.load_config(CONFIG).data.image_size))
+cli.run(lambda argv, flags: print(cli.load_config(flags).data.image_size), cli.define_config)
 """
 
 
 def _cli(*args):
   # A minimal entry point built the way every colorflax entry point is (cli.run + --config).
-  return subprocess.run([sys.executable, '-c', _PROGRAM, *args], cwd=REPO, capture_output=True, text=True)
+  return subprocess.run(
+      [sys.executable, '-c', _PROGRAM, *args], cwd=REPO, capture_output=True, text=True
+  )
 
 
 def test_cli_overrides_apply():
@@ -62,12 +70,15 @@ def test_cli_overrides_apply():
   assert r.stdout.strip() == '128'
 
 
-@pytest.mark.parametrize('args,fragment', [
-    (['--config.data.imagesize=64'], 'config.data.imagesize'),
-    (['--config.data.image_size=abc'], 'config.data.image_size'),
-    (['--config.data.image_size=60'], 'config.data.image_size'),
-    (['--config.batch_size=-1'], 'config.batch_size'),
-])
+@pytest.mark.parametrize(
+    'args,fragment',
+    [
+        (['--config.data.imagesize=64'], 'config.data.imagesize'),
+        (['--config.data.image_size=abc'], 'config.data.image_size'),
+        (['--config.data.image_size=60'], 'config.data.image_size'),
+        (['--config.batch_size=-1'], 'config.batch_size'),
+    ],
+)
 def test_cli_config_errors_are_one_line_exit_2(args, fragment):
   r = _cli('--config', 'configs/quickstart.py', *args)
   assert r.returncode == 2
@@ -82,19 +93,33 @@ def test_cli_missing_config_file():
   assert len(r.stderr.strip().splitlines()) == 1 and 'nope.py' in r.stderr
 
 
-ENTRY_POINTS = ['train', 'evaluate', 'colorize', 'precompute_features', 'benchmark', 'convert_torch']
+ENTRY_POINTS = [
+    'train',
+    'evaluate',
+    'colorize',
+    'precompute_features',
+    'benchmark',
+    'convert_torch',
+]
 
 
 @pytest.mark.parametrize('module', ENTRY_POINTS)
 def test_help_lists_the_entry_points_flags(module):
   with open(os.path.join(REPO, 'colorflax', f'{module}.py')) as f:
     source = f.read()
-  flags = re.findall(r"cli\.define_\w+\(\s*'(\w+)'", source)
-  flags += ['config'] if 'cli.define_config_flag(' in source else []
+  flags = re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source)
+  flags += ['config'] if 'cli.define_config(' in source else []
   assert flags, f'{module} defines no flags?'
   as_module = [sys.executable, '-m', f'colorflax.{module}']
-  as_console_script = [sys.executable, '-c', f'from colorflax.{module} import entry_point; entry_point()']
-  for command in (as_module, as_console_script):  # colorflax-train etc. import the module, then run it
+  as_console_script = [
+      sys.executable,
+      '-c',
+      f'from colorflax.{module} import entry_point; entry_point()',
+  ]
+  for command in (
+      as_module,
+      as_console_script,
+  ):  # colorflax-train etc. import the module, then run it
     r = subprocess.run(command + ['--help'], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
@@ -105,10 +130,19 @@ def test_help_lists_the_entry_points_flags(module):
       assert 'config.json' in config_line and 'default.py' not in config_line, config_line
 
 
-@pytest.mark.parametrize('module,arg', [('evaluate', '--samples=-3'), ('colorize', '--size=-8'),
-                                        ('benchmark', '--rounds=0'), ('benchmark', '--repeats=0')])
+@pytest.mark.parametrize(
+    'module,arg',
+    [
+        ('evaluate', '--samples=-3'),
+        ('colorize', '--size=-8'),
+        ('benchmark', '--rounds=0'),
+        ('benchmark', '--repeats=0'),
+    ],
+)
 def test_out_of_range_integer_flags_are_one_line_exit_2(module, arg):
-  r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', arg], cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [sys.executable, '-m', f'colorflax.{module}', arg], cwd=REPO, capture_output=True, text=True
+  )
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f'{module}.py: error: flag {arg}'), r.stderr
@@ -123,19 +157,23 @@ class Dying:
   def __del__(self):
     raise RuntimeError('background failure')
 
-def main(argv):
+def main(argv, flags):
   Dying()  # raises where no caller can catch it: an "unraisable" exception
   if argv[1:] == ['fail']:
     raise UserError('the one line')
 
-cli.run(main)
+cli.run(main, lambda flags: None)
 """
 
 
 @pytest.mark.parametrize('fails', [False, True])
 def test_unraisable_exceptions_are_shown_unless_a_one_line_error_ends_the_run(fails):
-  r = subprocess.run([sys.executable, '-c', _UNRAISABLE] + (['fail'] if fails else []), cwd=REPO,
-                     capture_output=True, text=True)
+  r = subprocess.run(
+      [sys.executable, '-c', _UNRAISABLE] + (['fail'] if fails else []),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   if fails:
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ['-c: error: the one line']
   else:
@@ -146,7 +184,7 @@ _SIGNALLED = """
 import os, signal, sys, time
 from colorflax import cli
 
-def main(argv):
+def main(argv, flags):
   sig = getattr(signal, argv[1])
   try:
     os.kill(os.getpid(), sig)
@@ -159,8 +197,8 @@ def main(argv):
 
 if sys.argv[2:] == ['ignored']:  # as under nohup
   signal.signal(signal.SIGHUP, signal.SIG_IGN)
-  main = lambda argv: os.kill(os.getpid(), signal.SIGHUP) or time.sleep(0.5)
-cli.run(main)
+  main = lambda argv, flags: os.kill(os.getpid(), signal.SIGHUP) or time.sleep(0.5)
+cli.run(main, lambda flags: None)
 """
 
 
@@ -168,18 +206,33 @@ cli.run(main)
 def test_a_scheduler_or_a_closed_terminal_stops_any_entry_point_like_ctrl_c(sig):
   # SIGTERM and SIGHUP raise where the work is, so its cleanup runs (a partial cache is kept,
   # a cut-off output removed), and the run ends with one line and the signal's exit code.
-  r = subprocess.run([sys.executable, '-c', _SIGNALLED, sig.name], cwd=REPO, capture_output=True, text=True,
-                     timeout=60)
+  r = subprocess.run(
+      [sys.executable, '-c', _SIGNALLED, sig.name],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert r.returncode == 128 + sig and r.stdout == 'cleanup ran\n', r.stderr
   assert r.stderr.strip().splitlines() == [f'-c: error: stopped by {sig.name}'], r.stderr
-  again = subprocess.run([sys.executable, '-c', _SIGNALLED, sig.name, 'again'], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+  again = subprocess.run(
+      [sys.executable, '-c', _SIGNALLED, sig.name, 'again'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert again.returncode == -sig and again.stdout == 'cleanup ran\n', again.stderr
 
 
 def test_sighup_ignored_by_nohup_stays_ignored():
-  r = subprocess.run([sys.executable, '-c', _SIGNALLED, 'SIGHUP', 'ignored'], cwd=REPO, capture_output=True,
-                     text=True, timeout=60)
+  r = subprocess.run(
+      [sys.executable, '-c', _SIGNALLED, 'SIGHUP', 'ignored'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
   assert r.returncode == 0 and r.stderr == '', r.stderr
 
 
@@ -187,7 +240,7 @@ _PRINTS_THEN_WRITES = """
 import sys
 from colorflax import cli
 
-def main(argv):
+def main(argv, flags):
   for i in range(20000):  # progress lines, long after the reader has gone
     if argv[2] == 'print':
       print(f'line {i}', flush=True)
@@ -198,7 +251,7 @@ def main(argv):
   with open(argv[1], 'w') as f:
     f.write('the result')
 
-cli.run(main)
+cli.run(main, lambda flags: None)
 """
 
 
@@ -207,8 +260,12 @@ def test_output_that_can_no_longer_be_written_does_not_stop_the_work(tmp_path, w
   # `python -m colorflax.evaluate ... | head`, or ssh's pipe gone with the connection: the
   # output is dropped (stdout and stderr both went to that pipe) and the result is still written.
   result = tmp_path / 'result.txt'
-  proc = subprocess.Popen([sys.executable, '-c', _PRINTS_THEN_WRITES, str(result), write], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      [sys.executable, '-c', _PRINTS_THEN_WRITES, str(result), write],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
   proc.stdout.readline()
   proc.stdout.close()  # the reader goes away
   assert proc.wait(timeout=60) == 0
@@ -217,20 +274,44 @@ def test_output_that_can_no_longer_be_written_does_not_stop_the_work(tmp_path, w
 
 def test_output_files_are_checked_before_the_work(tmp_path):
   (tmp_path / 'a_file').write_text('keep me')
-  for bad, message in ((tmp_path, 'is a folder; give a file name'),
-                       (tmp_path / 'a_file' / 'sub' / 'out.json', f'{tmp_path / "a_file"} is a file, not a folder')):
-    r = subprocess.run([sys.executable, '-m', 'colorflax.benchmark', f'--json={bad}'], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'benchmark.py: error: --json {bad}' +
-                                                                  (' ' if message.startswith('is') else ': ') + message]
-  for module, args in (('train', ['--config=configs/quickstart.py']), ('convert_torch', ['seed.pth'])):
-    for workdir, message in ((tmp_path / 'a_file', 'is a file; give a folder'),
-                             (tmp_path / 'a_file' / 'run', f': {tmp_path / "a_file"} is a file, not a folder')):
-      r = subprocess.run([sys.executable, '-m', f'colorflax.{module}', *args, f'--workdir={workdir}'], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+  for bad, message in (
+      (tmp_path, 'is a folder; give a file name'),
+      (tmp_path / 'a_file' / 'sub' / 'out.json', f'{tmp_path / "a_file"} is a file, not a folder'),
+  ):
+    r = subprocess.run(
+        [sys.executable, '-m', 'colorflax.benchmark', f'--json={bad}'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f'benchmark.py: error: --json {bad}' + (' ' if message.startswith('is') else ': ') + message
+    ]
+  for module, args in (
+      ('train', ['--config=configs/quickstart.py']),
+      ('convert_torch', ['seed.pth']),
+  ):
+    for workdir, message in (
+        (tmp_path / 'a_file', 'is a file; give a folder'),
+        (tmp_path / 'a_file' / 'run', f': {tmp_path / "a_file"} is a file, not a folder'),
+    ):
+      r = subprocess.run(
+          [sys.executable, '-m', f'colorflax.{module}', *args, f'--workdir={workdir}'],
+          cwd=REPO,
+          capture_output=True,
+          text=True,
+          timeout=120,
+      )
       assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-          f'{module}.py: error: --workdir {workdir}' + (' ' if message.startswith('is') else '') + message], r.stderr
+          f'{module}.py: error: --workdir {workdir}'
+          + (' ' if message.startswith('is') else '')
+          + message
+      ], r.stderr
   assert (tmp_path / 'a_file').read_text() == 'keep me'
   target = cli.output_file(str(tmp_path / 'new' / 'deeper' / 'm.json'), 'json')
-  assert target == str(tmp_path / 'new' / 'deeper' / 'm.json') and (tmp_path / 'new' / 'deeper').is_dir()
+  assert (
+      target == str(tmp_path / 'new' / 'deeper' / 'm.json')
+      and (tmp_path / 'new' / 'deeper').is_dir()
+  )
   assert cli.output_file('', 'json') is None

@@ -67,12 +67,21 @@ def test_dataparallel_prefix_is_accepted(tmp_path):
   assert variables['params']['enc1_0']['kernel'].shape == (3, 3, 1, 128)
 
 
-@pytest.mark.parametrize('mutate,message', [
-    (lambda sd: sd.pop('enc4.7.running_var'), "missing key 'enc4.7.running_var'"),
-    (lambda sd: sd.__setitem__('dec9.0.weight', torch.zeros(1)), "unexpected key 'dec9.0.weight'"),
-    (lambda sd: sd.__setitem__('enc2.3.weight', torch.zeros(128, 128, 5, 5)), "'enc2.3.weight' has shape"),
-    (lambda sd: sd.pop('dec1.0.weight'), "no 'dec1.0.weight'"),
-])
+@pytest.mark.parametrize(
+    'mutate,message',
+    [
+        (lambda sd: sd.pop('enc4.7.running_var'), "missing key 'enc4.7.running_var'"),
+        (
+            lambda sd: sd.__setitem__('dec9.0.weight', torch.zeros(1)),
+            "unexpected key 'dec9.0.weight'",
+        ),
+        (
+            lambda sd: sd.__setitem__('enc2.3.weight', torch.zeros(128, 128, 5, 5)),
+            "'enc2.3.weight' has shape",
+        ),
+        (lambda sd: sd.pop('dec1.0.weight'), "no 'dec1.0.weight'"),
+    ],
+)
 def test_wrong_state_dict_names_the_first_problem(tmp_path, mutate, message):
   sd = _random_seed_model().state_dict()
   mutate(sd)
@@ -121,7 +130,8 @@ def test_training_gradients_match_pytorch(polyphase_dec3):
   target = rng.uniform(-1, 1, (2, 32, 48, 2)).astype(np.float32)
   loss = torch.nn.functional.mse_loss(
       torch_model(torch.from_numpy(L.transpose(0, 3, 1, 2)), torch.from_numpy(e)),
-      torch.from_numpy(target.transpose(0, 3, 1, 2)))
+      torch.from_numpy(target.transpose(0, 3, 1, 2)),
+  )
   loss.backward()
   grads_sd = dict(torch_model.state_dict())
   grads_sd.update({name: p.grad for name, p in torch_model.named_parameters()})
@@ -131,8 +141,13 @@ def test_training_gradients_match_pytorch(polyphase_dec3):
   model = convert.model_lib.Colorizer(polyphase_dec3=polyphase_dec3)
 
   def loss_fn(params):
-    pred, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, L, e,
-                          train=True, mutable=['batch_stats'])
+    pred, _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        L,
+        e,
+        train=True,
+        mutable=['batch_stats'],
+    )
     return jax.numpy.mean(jax.numpy.square(pred - target))
 
   value, grads = jax.jit(jax.value_and_grad(loss_fn))(variables['params'])

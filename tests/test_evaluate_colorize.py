@@ -16,8 +16,19 @@ from skimage import color as skcolor
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from colorflax import (checkpoints, cli, color, colorize, evaluate, features_cache, image_io, metrics, precompute_features,
-                       synthetic, train)
+from colorflax import (
+    checkpoints,
+    color,
+    colorize,
+    evaluate,
+    features_cache,
+    image_io,
+    metrics,
+    precompute_features,
+    signals,
+    synthetic,
+    train,
+)
 from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +46,24 @@ def _photos(size=96):
 
 def test_psnr_and_ssim_match_scikit_image():
   truth = _photos()
-  noisy = np.clip(truth + np.random.default_rng(0).normal(0, 0.05, truth.shape), 0, 1).astype(np.float32)
+  noisy = np.clip(truth + np.random.default_rng(0).normal(0, 0.05, truth.shape), 0, 1).astype(
+      np.float32
+  )
   ours_psnr = np.asarray(metrics.psnr(jnp.asarray(noisy), jnp.asarray(truth)))
   ours_ssim = np.asarray(metrics.ssim(jnp.asarray(noisy), jnp.asarray(truth)))
   for i in range(len(truth)):
-    assert ours_psnr[i] == pytest.approx(peak_signal_noise_ratio(truth[i], noisy[i], data_range=1.0), abs=1e-3)
-    ref = structural_similarity(truth[i], noisy[i], data_range=1.0, channel_axis=-1, gaussian_weights=True,
-                                sigma=1.5, use_sample_covariance=False)
+    assert ours_psnr[i] == pytest.approx(
+        peak_signal_noise_ratio(truth[i], noisy[i], data_range=1.0), abs=1e-3
+    )
+    ref = structural_similarity(
+        truth[i],
+        noisy[i],
+        data_range=1.0,
+        channel_axis=-1,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
     assert ours_ssim[i] == pytest.approx(ref, abs=2e-3)
 
 
@@ -61,27 +83,43 @@ def test_colorize_run_again_into_a_folder_inside_its_input(trained, tmp_path):
   # `--output photos/colorized photos`, twice: the second run must not take the first one's
   # outputs for inputs (they would fail as "would overwrite an input" and nest a level deeper).
   root, config = trained
-  for case, subfolder in (('inside', 'colorized'), ('itself', '')):  # the output folder: inside the input, or it
+  for case, subfolder in (
+      ('inside', 'colorized'),
+      ('itself', ''),
+  ):  # the output folder: inside the input, or it
     (tmp_path / case).mkdir()
     inputs = _inputs(tmp_path / case / 'in')
     output = inputs / subfolder
     for _ in range(2):
-      written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(output), progress=False)
-      assert sorted(os.path.relpath(p, output) for p in written) == ['in/odd_landscape.png', 'in/portrait_gray.png']
+      written, failed, _ = colorize.colorize(
+          str(root / 'run'), config, [str(inputs)], str(output), progress=False
+      )
+      assert sorted(os.path.relpath(p, output) for p in written) == [
+          'in/odd_landscape.png',
+          'in/portrait_gray.png',
+      ]
       assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
     _assert_colorized(inputs, output / 'in')
     assert sorted(str(p.relative_to(output)) for p in output.rglob('*.png')) == [
-        'in/odd_landscape.png', 'in/portrait_gray.png'] + (['portrait_gray.png'] if output == inputs else [])
+        'in/odd_landscape.png',
+        'in/portrait_gray.png',
+    ] + (['portrait_gray.png'] if output == inputs else [])
 
 
 def test_auc_of_ab_error_curve():
   lab = skcolor.rgb2lab(_photos()).astype(np.float32)
   ab = lab[..., 1:]
   assert np.allclose(np.asarray(metrics.ab_error_auc(jnp.asarray(ab), jnp.asarray(ab))), 1.0)
-  shifted = ab + np.array([30.3, 40.4], np.float32)  # every pixel 50.5 units off: within t iff t >= 51
-  trapezoid = getattr(np, 'trapezoid', None) or np.trapz  # numpy 1.26 (the oldest supported) has trapz only
+  shifted = ab + np.array(
+      [30.3, 40.4], np.float32
+  )  # every pixel 50.5 units off: within t iff t >= 51
+  trapezoid = (
+      getattr(np, 'trapezoid', None) or np.trapz
+  )  # numpy 1.26 (the oldest supported) has trapz only
   expected = trapezoid((np.arange(151) >= 51).astype(float), np.arange(151)) / 150
-  assert np.allclose(np.asarray(metrics.ab_error_auc(jnp.asarray(shifted), jnp.asarray(ab))), expected, atol=1e-6)
+  assert np.allclose(
+      np.asarray(metrics.ab_error_auc(jnp.asarray(shifted), jnp.asarray(ab))), expected, atol=1e-6
+  )
 
 
 @pytest.fixture(scope='module')
@@ -97,11 +135,25 @@ def trained(tmp_path_factory):
 def test_evaluate_reports_model_and_baseline(trained):
   root, config = trained
   summary, grid, per_image = evaluate.evaluate(str(root / 'run'), config, 'best', 'val', samples=3)
-  for key in ('num_images', 'mse', 'psnr', 'psnr_gray', 'ssim', 'ssim_gray', 'colorfulness', 'colorfulness_true',
-              'delta_colorfulness', 'auc', 'auc_gray', 'checkpoint_step'):
+  for key in (
+      'num_images',
+      'mse',
+      'psnr',
+      'psnr_gray',
+      'ssim',
+      'ssim_gray',
+      'colorfulness',
+      'colorfulness_true',
+      'delta_colorfulness',
+      'auc',
+      'auc_gray',
+      'checkpoint_step',
+  ):
     assert key in summary
   assert summary['num_images'] == 12
-  assert summary['colorfulness_gray'] == pytest.approx(0.0, abs=0.01)  # float32 Lab->RGB; real images: 10-100
+  assert summary['colorfulness_gray'] == pytest.approx(
+      0.0, abs=0.01
+  )  # float32 Lab->RGB; real images: 10-100
   last = json.loads((root / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
   best = checkpoints.manager(root / 'run', read_only=True).best_step()
   assert summary['checkpoint_step'] == best
@@ -115,15 +167,30 @@ def test_evaluate_reports_model_and_baseline(trained):
   assert everything['num_images'] == 48
   np.testing.assert_array_equal(all_images['row'], np.arange(48))
   for key in evaluate.PER_IMAGE_COLUMNS:  # an image's metrics do not depend on the batch it was in
-    np.testing.assert_allclose(all_images[key][per_image['row']], per_image[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        all_images[key][per_image['row']], per_image[key], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
   root, config = trained
   out = tmp_path / 'm.json'
-  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=latest',
-                      f'--json={out}', '--samples=2', f'--per_image={tmp_path}/per_image.csv'], cwd=REPO,
-                     capture_output=True, text=True, env={**os.environ, 'XLA_FLAGS': ''})  # trained on 4 devices, restored onto 1
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.evaluate',
+          f'--workdir={root}/run',
+          '--checkpoint=latest',
+          f'--json={out}',
+          '--samples=2',
+          f'--per_image={tmp_path}/per_image.csv',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env={**os.environ, 'XLA_FLAGS': ''},
+  )  # trained on 4 devices, restored onto 1
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads(out.read_text())
   assert summary['num_images'] == 12
@@ -136,16 +203,41 @@ def test_evaluate_cli_restores_on_one_device(trained, tmp_path):
   for key in ('psnr', 'ssim', 'auc', 'mse_gray'):
     assert np.mean([float(x[key]) for x in lines]) == pytest.approx(summary[key], rel=1e-5)
   assert 'grayscale' in r.stdout
-  bad = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=12345'],
-                       cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run(
+      [sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--checkpoint=12345'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert bad.returncode == 2 and 'no checkpoint at step 12345' in bad.stderr
   # Any cache: --config.data.cache_dir overrides the recorded one.
-  other = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run',
-                          f'--config.data.cache_dir={tmp_path}/elsewhere'], cwd=REPO, capture_output=True, text=True)
+  other = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.evaluate',
+          f'--workdir={root}/run',
+          f'--config.data.cache_dir={tmp_path}/elsewhere',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert other.returncode == 2 and f'no features cache at {tmp_path}/elsewhere' in other.stderr
-  everything = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={root}/run', '--split=all',
-                               f'--config.data.cache_dir={config.data.cache_dir}', f'--json={out}'],
-                              cwd=REPO, capture_output=True, text=True)
+  everything = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.evaluate',
+          f'--workdir={root}/run',
+          '--split=all',
+          f'--config.data.cache_dir={config.data.cache_dir}',
+          f'--json={out}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert everything.returncode == 0, everything.stderr[-2000:]
   assert json.loads(out.read_text())['num_images'] == 48
 
@@ -155,11 +247,17 @@ def test_evaluate_at_another_image_size(trained, tmp_path):
   other = small_config(tmp_path / 'cache48', num_epochs=3, **{'data.image_size': 48})
   precompute_features.precompute(other, progress=False)
   on_other_cache = small_config(tmp_path / 'cache48', num_epochs=3)  # the run's settings (32 px)
-  with pytest.raises(UserError, match='holds 48px images, the run was trained at 32px; to evaluate at 48px add '
-                                      '--config.data.image_size=48'):
+  with pytest.raises(
+      UserError,
+      match='holds 48px images, the run was trained at 32px; to evaluate at 48px add '
+      '--config.data.image_size=48',
+  ):
     evaluate.evaluate(str(root / 'run'), on_other_cache, 'best', 'val')
   summary, _, _ = evaluate.evaluate(str(root / 'run'), other, 'best', 'val')
-  assert summary['num_images'] == 12 and np.isfinite([summary['psnr'], summary['ssim'], summary['auc']]).all()
+  assert (
+      summary['num_images'] == 12
+      and np.isfinite([summary['psnr'], summary['ssim'], summary['auc']]).all()
+  )
 
 
 def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
@@ -169,14 +267,25 @@ def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
 
   def recording(model):
     fn = per_image_metrics(model)
-    return lambda variables, images, embeddings: (shapes.append(images.shape[0]), fn(variables, images, embeddings))[1]
+    return lambda variables, images, embeddings: (
+        shapes.append(images.shape[0]),
+        fn(variables, images, embeddings),
+    )[1]
 
   monkeypatch.setattr(evaluate, 'per_image_metrics', recording)
   results = {}
-  for eval_batch in (0, 4, 6):  # 0: the training batch (8); 6 is rounded up to split over the 4 devices
+  for eval_batch in (
+      0,
+      4,
+      6,
+  ):  # 0: the training batch (8); 6 is rounded up to split over the 4 devices
     shapes.clear()
-    results[eval_batch], _, _ = evaluate.evaluate(str(root / 'run'), small_config(
-        config.data.cache_dir, num_epochs=3, eval_batch_size=eval_batch), 'best', 'val')
+    results[eval_batch], _, _ = evaluate.evaluate(
+        str(root / 'run'),
+        small_config(config.data.cache_dir, num_epochs=3, eval_batch_size=eval_batch),
+        'best',
+        'val',
+    )
     assert shapes == {0: [8, 8], 4: [4, 4, 4], 6: [8, 8]}[eval_batch]  # 12 validation images
   for key in ('mse', 'psnr', 'ssim', 'auc', 'colorfulness'):
     assert results[4][key] == pytest.approx(results[0][key], rel=1e-5)
@@ -187,8 +296,14 @@ def test_evaluate_keeps_the_host_at_most_two_batches_ahead_of_the_device(trained
   # memory, growing with the split: the commit that added it gives the command and the figures).
   root, config = trained
   outstanding, per_image_metrics = [], evaluate.per_image_metrics
-  monkeypatch.setattr(evaluate, 'per_image_metrics', lambda model: slowed_down(per_image_metrics(model), outstanding))
-  summary, _, _ = evaluate.evaluate(str(root / 'run'), small_config(config.data.cache_dir, eval_batch_size=4), 'best', 'all')
+  monkeypatch.setattr(
+      evaluate,
+      'per_image_metrics',
+      lambda model: slowed_down(per_image_metrics(model), outstanding),
+  )
+  summary, _, _ = evaluate.evaluate(
+      str(root / 'run'), small_config(config.data.cache_dir, eval_batch_size=4), 'best', 'all'
+  )
   assert len(outstanding) == 12 and max(outstanding) <= 2, outstanding  # 48 images, batches of 4
   assert np.isfinite(summary['psnr'])
 
@@ -203,10 +318,16 @@ def test_damaged_checkpoint_and_config_are_one_line_errors(trained, tmp_path):
   for f in (run / 'checkpoints' / str(latest) / 'model').rglob('*'):
     if f.is_file() and f.parent.name == 'd':  # the array data, cut short after it was written
       f.write_bytes(f.read_bytes()[:10])
-  with pytest.raises(UserError, match=rf'checkpoint step {latest} in .* cannot be read \(.+\); choose another'):
+  with pytest.raises(
+      UserError, match=rf'checkpoint step {latest} in .* cannot be read \(.+\); choose another'
+  ):
     evaluate.evaluate(str(run), config, 'latest', 'val')
-  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={run}', '--checkpoint=latest'],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [sys.executable, '-m', 'colorflax.evaluate', f'--workdir={run}', '--checkpoint=latest'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
   assert f'checkpoint step {latest}' in r.stderr
   (run / 'config.json').write_text('{"data": ')  # e.g. edited by hand
@@ -237,11 +358,14 @@ def _assert_colorized(inputs, outputs):
 def test_colorize_keeps_size_and_lightness(trained, tmp_path):
   root, config = trained
   inputs = _inputs(tmp_path / 'in')
-  written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'),
-                                         progress=False)
+  written, failed, _ = colorize.colorize(
+      str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False
+  )
   assert len(written) == 2 and [os.path.basename(p) for p, _ in failed] == ['broken.jpg']
   _assert_colorized(inputs, tmp_path / 'out' / 'in')
-  colourful = np.asarray(Image.open(tmp_path / 'out' / 'in' / 'odd_landscape.png'), np.float32) / 255.0
+  colourful = (
+      np.asarray(Image.open(tmp_path / 'out' / 'in' / 'odd_landscape.png'), np.float32) / 255.0
+  )
   assert float(metrics.colorfulness(jnp.asarray(colourful[None]))[0]) > 5.0  # it added colour
 
 
@@ -251,8 +375,9 @@ def test_colorize_skip_existing_finishes_an_interrupted_run(trained, tmp_path):
   colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False)
   os.remove(out / 'in' / 'portrait_gray.png')  # the run was stopped before this one
   before = os.stat(out / 'in' / 'odd_landscape.png').st_mtime_ns
-  written, failed, kept = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False,
-                                            skip_existing=True)
+  written, failed, kept = colorize.colorize(
+      str(root / 'run'), config, [str(inputs)], str(out), progress=False, skip_existing=True
+  )
   assert [os.path.relpath(p, out) for p in written] == ['in/portrait_gray.png']
   assert [os.path.relpath(p, out) for p in kept] == ['in/odd_landscape.png']
   assert [os.path.basename(p) for p, _ in failed] == ['broken.jpg']  # failures are tried again
@@ -260,8 +385,10 @@ def test_colorize_skip_existing_finishes_an_interrupted_run(trained, tmp_path):
   _assert_colorized(inputs, out / 'in')
 
 
-def test_colorize_stopped_mid_write_keeps_whole_outputs_and_says_how_to_finish(trained, tmp_path, monkeypatch):
-  # Ctrl-C (or SIGTERM, SIGHUP: cli.Stopped) lands while the second output is being written.
+def test_colorize_stopped_mid_write_keeps_whole_outputs_and_says_how_to_finish(
+    trained, tmp_path, monkeypatch
+):
+  # Ctrl-C (or SIGTERM, SIGHUP: signals.Stopped) lands while the second output is being written.
   root, config = trained
   inputs, out = _inputs(tmp_path / 'in'), tmp_path / 'out'
   real_save = Image.Image.save
@@ -270,38 +397,63 @@ def test_colorize_stopped_mid_write_keeps_whole_outputs_and_says_how_to_finish(t
     if (out / 'in' / 'odd_landscape.png').exists():  # the first output is done
       with open(fp, 'wb') as f:
         f.write(b'\x89PNG cut off')
-      raise cli.Stopped(signal.SIGTERM)
+      raise signals.Stopped(signal.SIGTERM)
     return real_save(image, fp, *args, **kwargs)
+
   monkeypatch.setattr(Image.Image, 'save', save_then_stop)
-  with pytest.raises(cli.Interrupted) as stopped:
-    colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False, batch_size=1)
-  assert str(stopped.value) == (f'stopped by SIGTERM with 1 of 3 images colorized in {out} (each output complete; '
-                                f'1 by this run): run the same command with --skip_existing to do the rest')
+  with pytest.raises(signals.Interrupted) as stopped:
+    colorize.colorize(
+        str(root / 'run'), config, [str(inputs)], str(out), progress=False, batch_size=1
+    )
+  assert str(stopped.value) == (
+      f'stopped by SIGTERM with 1 of 3 images colorized in {out} (each output complete; '
+      f'1 by this run): run the same command with --skip_existing to do the rest'
+  )
   assert stopped.value.exit_code == 143
   assert os.listdir(out / 'in') == ['odd_landscape.png']  # no cut-off file aside
   monkeypatch.undo()
-  written, failed, kept = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(out), progress=False,
-                                            skip_existing=True)
-  assert [os.path.relpath(p, out) for p in written + kept] == ['in/portrait_gray.png', 'in/odd_landscape.png']
+  written, failed, kept = colorize.colorize(
+      str(root / 'run'), config, [str(inputs)], str(out), progress=False, skip_existing=True
+  )
+  assert [os.path.relpath(p, out) for p in written + kept] == [
+      'in/portrait_gray.png',
+      'in/odd_landscape.png',
+  ]
   _assert_colorized(inputs, out / 'in')
 
 
 def test_no_two_inputs_get_the_same_output_name(tmp_path):
-  for rel in ('in/photo.jpg', 'in/photo.png', 'in/Photo.webp', 'in/sub/x.jpg', 'in/y.tif', 'other/y.tif',
-              'third/y.tif'):
+  for rel in (
+      'in/photo.jpg',
+      'in/photo.png',
+      'in/Photo.webp',
+      'in/sub/x.jpg',
+      'in/y.tif',
+      'other/y.tif',
+      'third/y.tif',
+  ):
     (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / rel).write_bytes(b'not decoded here')
-  items = colorize.expand_inputs([str(tmp_path / 'in'), str(tmp_path / 'in' / 'y.tif'), str(tmp_path / 'y.tif'),
-                                  str(tmp_path / 'other' / 'y.tif'), str(tmp_path / 'third' / 'y.tif')])
+  items = colorize.expand_inputs(
+      [
+          str(tmp_path / 'in'),
+          str(tmp_path / 'in' / 'y.tif'),
+          str(tmp_path / 'y.tif'),
+          str(tmp_path / 'other' / 'y.tif'),
+          str(tmp_path / 'third' / 'y.tif'),
+      ]
+  )
   got = [(os.path.relpath(p, tmp_path), out, why) for p, out, why in items]
-  assert got == [('in/Photo.webp', 'in/Photo.webp.png', None),  # photo.* clash (also by case): keep extensions
-                 ('in/photo.jpg', 'in/photo.jpg.png', None),
-                 ('in/photo.png', 'in/photo.png.png', None),
-                 ('in/y.tif', 'in/y.png', None),  # once only, though given twice
-                 ('in/sub/x.jpg', 'in/sub/x.png', None),
-                 ('y.tif', None, 'no such file or folder'),
-                 ('other/y.tif', 'y.tif.png', None),  # files given alone: named by their base name
-                 ('third/y.tif', None, f'its output name y.tif.png is taken by {tmp_path}/other/y.tif')]
+  assert got == [
+      ('in/Photo.webp', 'in/Photo.webp.png', None),  # photo.* clash (also by case): keep extensions
+      ('in/photo.jpg', 'in/photo.jpg.png', None),
+      ('in/photo.png', 'in/photo.png.png', None),
+      ('in/y.tif', 'in/y.png', None),  # once only, though given twice
+      ('in/sub/x.jpg', 'in/sub/x.png', None),
+      ('y.tif', None, 'no such file or folder'),
+      ('other/y.tif', 'y.tif.png', None),  # files given alone: named by their base name
+      ('third/y.tif', None, f'its output name y.tif.png is taken by {tmp_path}/other/y.tif'),
+  ]
 
 
 @pytest.mark.parametrize('resize', ['squash', 'center_crop'])
@@ -318,10 +470,14 @@ def test_colorize_colours_line_up_with_the_whole_frame(trained, resize):
   gray[:, :40] = 0.9
   model_input, inception_input = colorizer.working_images(gray)
   expected_crop = image_io.resize(Image.fromarray((gray * 255 + 0.5).astype(np.uint8)), 32, resize)
-  np.testing.assert_array_equal(inception_input, np.asarray(expected_crop))  # features as in training
+  np.testing.assert_array_equal(
+      inception_input, np.asarray(expected_crop)
+  )  # features as in training
   assert model_input.shape == ((32, 32) if resize == 'squash' else (32, 96))
   [ab] = colorizer.colorize_batch([gray])
-  rgb = colorize.recombine(np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], ab)
+  rgb = colorize.recombine(
+      np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], ab
+  )
   a = skcolor.rgb2lab(rgb / 255.0)[..., 1]
   assert (a[:, :36] > 5).all() and (a[:, 44:] < -5).all()
 
@@ -331,19 +487,38 @@ def test_colorize_output_that_cannot_be_written(trained, tmp_path):
   inputs = _inputs(tmp_path / 'in')
   (tmp_path / 'a_file').write_text('keep me')
   with pytest.raises(UserError, match='--output .*a_file is a file; give a folder'):
-    colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'a_file'), progress=False)
+    colorize.colorize(
+        str(root / 'run'), config, [str(inputs)], str(tmp_path / 'a_file'), progress=False
+    )
   assert (tmp_path / 'a_file').read_text() == 'keep me'
-  for refused in (dict(size=60), dict(which='999')):  # a refused run leaves no empty output folder behind
-    with pytest.raises(UserError, match='--size must be a positive multiple of 8|no checkpoint at step 999'):
-      colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False, **refused)
+  for refused in (
+      dict(size=60),
+      dict(which='999'),
+  ):  # a refused run leaves no empty output folder behind
+    with pytest.raises(
+        UserError, match='--size must be a positive multiple of 8|no checkpoint at step 999'
+    ):
+      colorize.colorize(
+          str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False, **refused
+      )
     assert not (tmp_path / 'out').exists()
-  (tmp_path / 'out' / 'in' / 'odd_landscape.png').mkdir(parents=True)  # a folder where one output goes
-  written, failed, _ = colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'),
-                                         progress=False)
-  assert [os.path.basename(p) for p in written] == ['portrait_gray.png']  # the others are still written
+  (tmp_path / 'out' / 'in' / 'odd_landscape.png').mkdir(
+      parents=True
+  )  # a folder where one output goes
+  written, failed, _ = colorize.colorize(
+      str(root / 'run'), config, [str(inputs)], str(tmp_path / 'out'), progress=False
+  )
+  assert [os.path.basename(p) for p in written] == [
+      'portrait_gray.png'
+  ]  # the others are still written
   reasons = {os.path.basename(p): r for p, r in failed}
-  assert set(reasons) == {'broken.jpg', 'odd_landscape.jpg'} and reasons['odd_landscape.jpg'].startswith('cannot write')
-  assert sorted(p.name for p in (tmp_path / 'out' / 'in').iterdir()) == ['odd_landscape.png', 'portrait_gray.png']
+  assert set(reasons) == {'broken.jpg', 'odd_landscape.jpg'} and reasons[
+      'odd_landscape.jpg'
+  ].startswith('cannot write')
+  assert sorted(p.name for p in (tmp_path / 'out' / 'in').iterdir()) == [
+      'odd_landscape.png',
+      'portrait_gray.png',
+  ]
 
 
 def test_colorize_without_the_cache_its_random_inception_features_came_from(trained, tmp_path):
@@ -351,27 +526,51 @@ def test_colorize_without_the_cache_its_random_inception_features_came_from(trai
   inputs = _inputs(tmp_path / 'in')
   moved = config.copy_and_resolve_references()
   moved.data.cache_dir = str(tmp_path / 'moved')  # e.g. the cache was moved after training
-  with pytest.raises(UserError, match=r'no features cache at .*moved: .* point to it with --config.data.cache_dir='):
-    colorize.colorize(str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  with pytest.raises(
+      UserError, match=r'no features cache at .*moved: .* point to it with --config.data.cache_dir='
+  ):
+    colorize.colorize(
+        str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False
+    )
   shutil.copytree(config.data.cache_dir, tmp_path / 'moved')
-  stats = tmp_path / 'moved' / json.loads((tmp_path / 'moved' / 'manifest.json').read_text())['inception_calibration']
+  stats = (
+      tmp_path
+      / 'moved'
+      / json.loads((tmp_path / 'moved' / 'manifest.json').read_text())['inception_calibration']
+  )
   stats.unlink()
-  with pytest.raises(UserError, match=f'has lost its calibrated Inception statistics \\({stats.name}\\)'):
-    colorize.colorize(str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False)
+  with pytest.raises(
+      UserError, match=f'has lost its calibrated Inception statistics \\({stats.name}\\)'
+  ):
+    colorize.colorize(
+        str(root / 'run'), moved, [str(inputs)], str(tmp_path / 'out'), progress=False
+    )
   assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').rglob('*.png'))
 
 
 def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tmp_path):
   monkeypatch.setattr(colorize, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
   rng = np.random.default_rng(0)
-  reference = jax.jit(lambda l, ab: color.lab_to_rgb(jnp.concatenate([l, color.fit_ab_to_gamut(l, ab)], -1)))
+  reference = jax.jit(
+      lambda l, ab: color.lab_to_rgb(jnp.concatenate([l, color.fit_ab_to_gamut(l, ab)], -1))
+  )
   before = colorize._lab_to_srgb_uint8._cache_size()
   for h, w in ((37, 61), (40, 59), (45, 70), (3, 5), (2, 7), (4, 3), (1, 1)):
     l = rng.uniform(0, 100, (h, w)).astype(np.float32)
     ab = rng.uniform(-1, 1, (4, 4, 2)).astype(np.float32)
     got = colorize.recombine(l, ab)
-    up = np.stack([np.asarray(Image.fromarray(ab[..., c], 'F').resize((w, h), Image.Resampling.BILINEAR))
-                   for c in range(2)], -1) * 128
+    up = (
+        np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(ab[..., c], 'F').resize((w, h), Image.Resampling.BILINEAR)
+                )
+                for c in range(2)
+            ],
+            -1,
+        )
+        * 128
+    )
     want = np.asarray(reference(l[..., None], up.astype(np.float32))) * 255
     assert got.shape == (h, w, 3)
     assert np.abs(got - want).max() <= 0.5 + 1e-3  # the same pixels, rounded to uint8
@@ -380,8 +579,9 @@ def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tm
     Image.fromarray(rgb).save(tmp_path / 'rgb.png')
     gray_full, l_full = colorize._full_res_gray(tmp_path / 'rgb.png')
     np.testing.assert_allclose(gray_full, gray, atol=1e-6)
-    np.testing.assert_allclose(l_full, np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0],
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        l_full, np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], atol=1e-3
+    )
   # Large images run as chunks of one size; small ones as powers of two: a few programs in all.
   assert colorize._lab_to_srgb_uint8._cache_size() - before <= 3
 
@@ -390,9 +590,21 @@ def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
   root, _ = trained
   inputs = _inputs(tmp_path / 'in')
   before = {p.name: p.read_bytes() for p in inputs.iterdir()}
-  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={root}/run', f'--output={tmp_path}',
-                      str(inputs / 'odd_landscape.jpg'), str(inputs / 'broken.jpg'), str(inputs)],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.colorize',
+          f'--workdir={root}/run',
+          f'--output={tmp_path}',
+          str(inputs / 'odd_landscape.jpg'),
+          str(inputs / 'broken.jpg'),
+          str(inputs),
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 1, r.stderr[-2000:]  # broken.jpg failed
   assert 'broken.jpg' in r.stdout
   assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
@@ -400,8 +612,19 @@ def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
   png_in = tmp_path / 'pngs'
   png_in.mkdir()
   Image.fromarray(synthetic.landscape(1, 48)).save(png_in / 'a.png')
-  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={root}/run', f'--output={png_in}',
-                      str(png_in / 'a.png')], cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.colorize',
+          f'--workdir={root}/run',
+          f'--output={png_in}',
+          str(png_in / 'a.png'),
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 1 and 'refusing to overwrite' in r.stdout
   assert np.array_equal(np.asarray(Image.open(png_in / 'a.png')), synthetic.landscape(1, 48))
 
@@ -409,26 +632,59 @@ def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
 def test_colorize_and_evaluate_a_convert_torch_checkpoint(trained, tmp_path):
   from colorflax import inception
   from colorflax.reference import EncDec
+
   torch.manual_seed(0)
   pth = tmp_path / 'seed.pth'
   torch.save(EncDec().state_dict(), pth)
   weights = tmp_path / 'inception.pth'  # offline stand-in for ImageNet weights
   torch.save(inception._architecture().state_dict(), weights)
-  r = subprocess.run([sys.executable, '-m', 'colorflax.convert_torch', str(pth), f'--workdir={tmp_path}/seed'],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [sys.executable, '-m', 'colorflax.convert_torch', str(pth), f'--workdir={tmp_path}/seed'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 0, r.stderr
   assert checkpoints.read_config(tmp_path / 'seed').features.inception_weights == 'imagenet'
   inputs = _inputs(tmp_path / 'in')
-  r = subprocess.run([sys.executable, '-m', 'colorflax.colorize', f'--workdir={tmp_path}/seed', f'--output={tmp_path}/out',
-                      '--size=64', f'--config.features.inception_weights={weights}',
-                      str(inputs / 'odd_landscape.jpg'), str(inputs / 'portrait_gray.png')],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.colorize',
+          f'--workdir={tmp_path}/seed',
+          f'--output={tmp_path}/out',
+          '--size=64',
+          f'--config.features.inception_weights={weights}',
+          str(inputs / 'odd_landscape.jpg'),
+          str(inputs / 'portrait_gray.png'),
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   _assert_colorized(inputs, tmp_path / 'out')
-  # evaluate's default checkpoint, 'best', is the imported one: it has no validation loss to rank by.
-  r = subprocess.run([sys.executable, '-m', 'colorflax.evaluate', f'--workdir={tmp_path}/seed',
-                      f'--config.data.cache_dir={trained[1].data.cache_dir}', '--config.data.image_size=32',
-                      f'--json={tmp_path}/m.json'], cwd=REPO, capture_output=True, text=True)
+  # evaluate's default checkpoint, 'best', is the imported one: it has no validation loss to rank
+  # by.
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.evaluate',
+          f'--workdir={tmp_path}/seed',
+          f'--config.data.cache_dir={trained[1].data.cache_dir}',
+          '--config.data.image_size=32',
+          f'--json={tmp_path}/m.json',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.loads((tmp_path / 'm.json').read_text())
-  assert summary['checkpoint_step'] == 0 and summary['num_images'] == 12 and np.isfinite(summary['psnr'])
+  assert (
+      summary['checkpoint_step'] == 0
+      and summary['num_images'] == 12
+      and np.isfinite(summary['psnr'])
+  )

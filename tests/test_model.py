@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colorflax import layers
 from colorflax import model as model_lib
 from colorflax.config_validation import validate
 from colorflax.errors import ConfigError
@@ -81,30 +82,36 @@ def test_upsample_concat_conv_is_the_plain_layer():
   # dec3_0's polyphase form against upsample -> concatenate -> 5x5 conv, values and gradients.
   low = jax.random.normal(jax.random.key(0), (2, 6, 5, 16))
   skip = jax.random.normal(jax.random.key(1), (2, 12, 10, 24))
-  block = model_lib.UpsampleConcatConv(32)
+  block = layers.UpsampleConcatConv(32)
   params = block.init(jax.random.key(2), low, skip)['params']
   assert params['kernel'].shape == (5, 5, 40, 32) and params['bias'].shape == (32,)
   plain = nn.Conv(32, (5, 5), padding='SAME')
-  plain_fn = lambda p, low, skip: plain.apply({'params': p}, jnp.concatenate([model_lib._upsample(low), skip], -1))
+  plain_fn = lambda p, low, skip: plain.apply(
+      {'params': p}, jnp.concatenate([layers.upsample(low), skip], -1)
+  )
   block_fn = lambda p, low, skip: block.apply({'params': p}, low, skip)
   cot = jax.random.normal(jax.random.key(3), (2, 12, 10, 32))
-  np.testing.assert_allclose(block_fn(params, low, skip), plain_fn(params, low, skip), rtol=0, atol=1e-5)
-  grads = [jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, low, skip)
-           for fn in (block_fn, plain_fn)]
+  np.testing.assert_allclose(
+      block_fn(params, low, skip), plain_fn(params, low, skip), rtol=0, atol=1e-5
+  )
+  grads = [
+      jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, low, skip)
+      for fn in (block_fn, plain_fn)
+  ]
   for x, y in zip(*map(jax.tree_util.tree_leaves, grads)):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * float(jnp.abs(y).max()))
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum():
-  x = jnp.array([[1., 3.], [3., 0.]]).reshape(1, 2, 2, 1)  # a tie between (0, 1) and (1, 0)
+  x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)  # a tie between (0, 1) and (1, 0)
   y = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
-  assert float(model_lib._max_pool(x)[0, 0, 0, 0]) == 3.0
-  np.testing.assert_array_equal(model_lib._max_pool(y), nn.max_pool(y, (2, 2), strides=(2, 2)))
-  g = jax.grad(lambda x: jnp.sum(model_lib._max_pool(x)))(x)
-  np.testing.assert_array_equal(g.reshape(2, 2), [[0., 1.], [0., 0.]])
+  assert float(layers.max_pool(x)[0, 0, 0, 0]) == 3.0
+  np.testing.assert_array_equal(layers.max_pool(y), nn.max_pool(y, (2, 2), strides=(2, 2)))
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool(x)))(x)
+  np.testing.assert_array_equal(g.reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])
   # Without ties it is nn.max_pool's gradient.
   cot = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
-  ours = jax.grad(lambda y: jnp.sum(cot * model_lib._max_pool(y)))(y)
+  ours = jax.grad(lambda y: jnp.sum(cot * layers.max_pool(y)))(y)
   theirs = jax.grad(lambda y: jnp.sum(cot * nn.max_pool(y, (2, 2), strides=(2, 2))))(y)
   np.testing.assert_array_equal(ours, theirs)
 
@@ -114,16 +121,18 @@ def test_stem_conv_pool_is_the_plain_layers(hw):
   # enc1_0 against the seed's form: 3x3 conv with bias, then 2x2 max pool (gradient to the
   # first maximum, as PyTorch's); values, and gradients for the kernel, bias and input.
   L = jax.random.uniform(jax.random.key(0), (3, *hw, 1))
-  block = model_lib.StemConvPool(24)
+  block = layers.StemConvPool(24)
   params = block.init(jax.random.key(1), L)['params']
   assert params['kernel'].shape == (3, 3, 1, 24) and params['bias'].shape == (24,)
   plain = nn.Conv(24, (3, 3), padding='SAME')
-  plain_fn = lambda p, L: model_lib._max_pool(plain.apply({'params': p}, L))
+  plain_fn = lambda p, L: layers.max_pool(plain.apply({'params': p}, L))
   block_fn = lambda p, L: block.apply({'params': p}, L)
   np.testing.assert_allclose(block_fn(params, L), plain_fn(params, L), rtol=0, atol=1e-6)
   cot = jax.random.normal(jax.random.key(2), (3, hw[0] // 2, hw[1] // 2, 24))
-  grads = [jax.jit(jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1)))(params, L)
-           for fn in (block_fn, plain_fn)]
+  grads = [
+      jax.jit(jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1)))(params, L)
+      for fn in (block_fn, plain_fn)
+  ]
   for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
@@ -134,14 +143,22 @@ def test_stem_conv_pool_routes_ties_to_the_first_maximum():
   # taps' gradients are sums of that pixel's neighbours, which differ between the two.
   L = jax.random.uniform(jax.random.key(0), (2, 6, 6, 1))
   L = L.at[:, 0::2, 1::2].set(2.0).at[:, 1::2, 0::2].set(2.0)
-  block = model_lib.StemConvPool(3)
+  block = layers.StemConvPool(3)
   params = {'kernel': jnp.zeros((3, 3, 1, 3)).at[1, 1].set(1.0), 'bias': jnp.zeros(3)}
   plain = nn.Conv(3, (3, 3), padding='SAME')
-  fns = (lambda p: block.apply({'params': p}, L), lambda p: model_lib._max_pool(plain.apply({'params': p}, L)))
+  fns = (
+      lambda p: block.apply({'params': p}, L),
+      lambda p: layers.max_pool(plain.apply({'params': p}, L)),
+  )
   ours, theirs = [jax.grad(lambda p: jnp.sum(fn(p)))(params)['kernel'] for fn in fns]
   np.testing.assert_allclose(ours, theirs, rtol=1e-6)
   pad = jnp.pad(L[..., 0], ((0, 0), (1, 1), (1, 1)))
-  at_1_0 = jnp.stack([jnp.stack([pad[:, 1 + dy:1 + dy + 6:2, dx:dx + 6:2].sum() for dx in range(3)]) for dy in range(3)])
+  at_1_0 = jnp.stack(
+      [
+          jnp.stack([pad[:, 1 + dy : 1 + dy + 6 : 2, dx : dx + 6 : 2].sum() for dx in range(3)])
+          for dy in range(3)
+      ]
+  )
   assert not np.allclose(ours[:, :, 0, 0], at_1_0)  # the other choice would be visible
 
 
@@ -157,12 +174,14 @@ def test_polyphase_dec3_auto_is_on_for_one_cpu_device_only():
     validate(config)
 
 
-@pytest.mark.parametrize('hw', [(4, 6), (1, 2)])  # (1, 2): every tap but the centre row falls outside
+@pytest.mark.parametrize(
+    'hw', [(4, 6), (1, 2)]
+)  # (1, 2): every tap but the centre row falls outside
 def test_fusion_conv_is_the_plain_layer(hw):
   # dec1_0 against the seed's form: the embedding tiled over the grid, concatenated, 3x3 conv.
   x = jax.random.normal(jax.random.key(0), (3, *hw, 16))
   e = jax.random.normal(jax.random.key(1), (3, 40))
-  block = model_lib.FusionConv(24)
+  block = layers.FusionConv(24)
   params = block.init(jax.random.key(2), x, e)['params']
   assert params['kernel'].shape == (3, 3, 56, 24) and params['bias'].shape == (24,)
   plain = nn.Conv(24, (3, 3), padding='SAME')
@@ -171,15 +190,17 @@ def test_fusion_conv_is_the_plain_layer(hw):
   block_fn = lambda p, x, e: block.apply({'params': p}, x, e)
   np.testing.assert_allclose(block_fn(params, x, e), plain_fn(params, x, e), rtol=0, atol=1e-5)
   cot = jax.random.normal(jax.random.key(3), (3, *hw, 24))
-  grads = [jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, x, e)
-           for fn in (block_fn, plain_fn)]
+  grads = [
+      jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1, 2))(params, x, e)
+      for fn in (block_fn, plain_fn)
+  ]
   for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 def test_conv_is_nn_conv_with_torch_init():
   x = jax.random.normal(jax.random.key(0), (2, 6, 4, 5))
-  ours = model_lib.Conv(7, 3)
+  ours = layers.Conv(7, 3)
   params = ours.init(jax.random.key(1), x)['params']
   bound = 1 / np.sqrt(5 * 3 * 3)  # torch.nn.Conv2d's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   assert params['kernel'].shape == (3, 3, 5, 7) and float(jnp.abs(params['kernel']).max()) <= bound
@@ -195,7 +216,9 @@ def test_materialized_conv_inputs_change_nothing_but_the_program():
   e = jax.random.normal(jax.random.key(1), (2, 1000))
   plain, barriers = model_lib.Colorizer(), model_lib.Colorizer(materialize_conv_inputs=True)
   variables = model_lib.init_variables(plain, jax.random.key(2))
-  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({**variables, 'params': p}, L, e) ** 2)))
+  loss = lambda m: jax.jit(
+      jax.value_and_grad(lambda p: jnp.mean(m.apply({**variables, 'params': p}, L, e) ** 2))
+  )
   (a, ga), (b, gb) = loss(plain)(variables['params']), loss(barriers)(variables['params'])
   np.testing.assert_allclose(a, b, rtol=1e-6)
   for x, y in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
@@ -206,8 +229,19 @@ def test_materialized_conv_inputs_change_nothing_but_the_program():
   assert model_lib.model_from_config(default.get_config()).materialize_conv_inputs  # on, on CPU
 
 
-@pytest.mark.parametrize('hw,k,taps', [((4, 4), 5, 25), ((3, 7), 5, 25), ((6, 2), 3, 9), ((2, 2), 5, 9),
-                                        ((1, 1), 3, 1), ((1, 3), 5, 5), ((2, 9), 5, 15), ((5, 5), 5, None)])
+@pytest.mark.parametrize(
+    'hw,k,taps',
+    [
+        ((4, 4), 5, 25),
+        ((3, 7), 5, 25),
+        ((6, 2), 3, 9),
+        ((2, 2), 5, 9),
+        ((1, 1), 3, 1),
+        ((1, 3), 5, 5),
+        ((2, 9), 5, 15),
+        ((5, 5), 5, None),
+    ],
+)
 def test_convolution_on_a_grid_smaller_than_its_kernel_is_a_matmul(hw, k, taps):
   # XLA:CPU's convolution is 20-70x slower there (enc4's 5x5 conv in 32 px training): the same
   # values and gradients as lax's convolution, from a program without one, over only the taps
@@ -215,15 +249,27 @@ def test_convolution_on_a_grid_smaller_than_its_kernel_is_a_matmul(hw, k, taps):
   x = jax.random.normal(jax.random.key(0), (3, *hw, 16))
   kernel = jax.random.normal(jax.random.key(1), (k, k, 16, 8))
   cot = jax.random.normal(jax.random.key(2), (3, *hw, 8))
-  plain = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  outs = [fn(x, kernel) for fn in (model_lib._conv_same, plain)]
+  plain = lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  outs = [fn(x, kernel) for fn in (layers.conv_same, plain)]
   np.testing.assert_allclose(*outs, rtol=0, atol=1e-5 * float(jnp.abs(outs[1]).max()))
-  grads = [jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1))(x, kernel) for fn in (model_lib._conv_same, plain)]
+  grads = [
+      jax.grad(lambda *a: jnp.sum(cot * fn(*a)), argnums=(0, 1))(x, kernel)
+      for fn in (layers.conv_same, plain)
+  ]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
-  program = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(cot * model_lib._conv_same(*a)), argnums=(0, 1)))(x, kernel))
+  program = str(
+      jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(cot * layers.conv_same(*a)), argnums=(0, 1)))(
+          x, kernel
+      )
+  )
   assert ('conv_general_dilated' in program) == (taps is None)
   if taps:
-    dot, = [e for e in jax.make_jaxpr(model_lib._conv_same)(x, kernel).eqns if e.primitive.name == 'dot_general']
+    (dot,) = [
+        e
+        for e in jax.make_jaxpr(layers.conv_same)(x, kernel).eqns
+        if e.primitive.name == 'dot_general'
+    ]
     assert dot.invars[1].aval.shape == (taps * 16, 8)

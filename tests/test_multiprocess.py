@@ -56,15 +56,38 @@ def single_process_run(tmp_path_factory):
 @pytest.mark.parametrize('placement', ['resident', 'streaming'])
 def test_two_processes_match_one_process_with_four_devices(single_process_run, tmp_path, placement):
   root, single = single_process_run
-  multi = small_config(root / 'cache', num_epochs=2, learning_rate=ROUNDING_LR, distributed=True, coordinator_address=f'127.0.0.1:{_free_port()}',
-                       num_processes=2, **{'data.placement': placement})
+  multi = small_config(
+      root / 'cache',
+      num_epochs=2,
+      learning_rate=ROUNDING_LR,
+      distributed=True,
+      coordinator_address=f'127.0.0.1:{_free_port()}',
+      num_processes=2,
+      **{'data.placement': placement},
+  )
   script = tmp_path / 'process.py'
-  script.write_text(_PROCESS.format(config=multi.to_dict(), workdir=str(tmp_path / 'multi'),
-                                    out=str(tmp_path / 'params.npz')))
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu',
-         'PYTHONPATH': REPO}
-  procs = [subprocess.Popen([sys.executable, str(script), str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  script.write_text(
+      _PROCESS.format(
+          config=multi.to_dict(), workdir=str(tmp_path / 'multi'), out=str(tmp_path / 'params.npz')
+      )
+  )
+  env = {
+      **os.environ,
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': REPO,
+  }
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(script), str(i)],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -77,17 +100,22 @@ def test_two_processes_match_one_process_with_four_devices(single_process_run, t
   expected = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(single.variables()))]
   assert len(got.files) == len(expected)
   a = [json.loads(l) for l in (root / 'single' / 'metrics.jsonl').read_text().splitlines()]
-  b = [json.loads(l) for l in (tmp_path / 'multi' / 'metrics.jsonl').read_text().splitlines()]  # process 0 only
+  b = [
+      json.loads(l) for l in (tmp_path / 'multi' / 'metrics.jsonl').read_text().splitlines()
+  ]  # process 0 only
   assert len(a) == len(b) == 2
   for x, y in zip(a, b):
     for key in ('train_loss', 'val_loss'):
       assert abs(x[key] - y[key]) <= 1e-5 * abs(x[key]), (key, x[key], y[key])
   # Parameters: gloo adds the gradients across processes in another order than XLA does within
   # one, hence ROUNDING_LR above (see test_train).
-  assert_params_alike([got[f'arr_{i}'] for i in range(len(expected))], expected, ROUNDING_LR, b[-1]['step'])
+  assert_params_alike(
+      [got[f'arr_{i}'] for i in range(len(expected))], expected, ROUNDING_LR, b[-1]['step']
+  )
   # Checkpoints were written collectively by 2 processes; they restore onto this one process's
   # 4 devices (abstract targets with the new shardings), equal to what process 0 saved.
   from colorflax import checkpoints
+
   mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   _, variables, step = checkpoints.restore_for_inference(tmp_path / 'multi', multi, 'latest', mesh)
   assert step == 8
@@ -95,27 +123,57 @@ def test_two_processes_match_one_process_with_four_devices(single_process_run, t
     np.testing.assert_array_equal(np.asarray(leaf), got[f'arr_{i}'])
   if placement == 'streaming':  # each process saved its own stream state in every checkpoint
     data = tmp_path / 'multi' / 'checkpoints' / '8' / 'data'
-    assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
+    assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == [
+        'process_0-of-2.json',
+        'process_1-of-2.json',
+    ]
 
 
 @pytest.mark.parametrize('stop', ['SIGTERM', 'SIGHUP', 'output lost'])
-def test_a_stop_asked_of_one_process_stops_both_at_the_same_step_with_a_checkpoint(single_process_run, tmp_path, stop):
+def test_a_stop_asked_of_one_process_stops_both_at_the_same_step_with_a_checkpoint(
+    single_process_run, tmp_path, stop
+):
   # A preempted host: jax.distributed catches SIGTERM and has every process agree on the dispatch
   # after which they save their collective checkpoint and stop, though only one got the signal.
   # SIGHUP (one worker's ssh session dropped) and output that can no longer be written (the pipe
   # to a dropped ssh session) are handed to the same agreement.
   root, _ = single_process_run
   work, port = tmp_path / 'multi', _free_port()
-  args = ['--config=configs/quickstart.py', f'--config.data.cache_dir={root / "cache"}', '--config.data.synthetic_images=48',
-          '--config.data.image_size=32', '--config.features.calibration_images=16', '--config.model.width=0.125',
-          '--config.batch_size=8', '--config.steps_per_dispatch=2', '--config.num_epochs=50',
-          '--config.distributed=True', f'--config.coordinator_address=127.0.0.1:{port}', '--config.num_processes=2',
-          f'--workdir={work}']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  args = [
+      '--config=configs/quickstart.py',
+      f'--config.data.cache_dir={root / "cache"}',
+      '--config.data.synthetic_images=48',
+      '--config.data.image_size=32',
+      '--config.features.calibration_images=16',
+      '--config.model.width=0.125',
+      '--config.batch_size=8',
+      '--config.steps_per_dispatch=2',
+      '--config.num_epochs=50',
+      '--config.distributed=True',
+      f'--config.coordinator_address=127.0.0.1:{port}',
+      '--config.num_processes=2',
+      f'--workdir={work}',
+  ]
+  env = {
+      **os.environ,
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+      'JAX_PLATFORMS': 'cpu',
+  }
   stderr = [subprocess.STDOUT if stop == 'output lost' else subprocess.PIPE, subprocess.PIPE]
-  procs = [subprocess.Popen([sys.executable, '-m', 'colorflax.train', *args, f'--config.process_id={i}'], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=stderr[i], text=True) for i in range(2)]
-  for line in procs[0].stdout:  # an epoch run by both (a collective checkpoint): both have their handlers
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-m', 'colorflax.train', *args, f'--config.process_id={i}'],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=stderr[i],
+          text=True,
+      )
+      for i in range(2)
+  ]
+  for line in procs[
+      0
+  ].stdout:  # an epoch run by both (a collective checkpoint): both have their handlers
     if line.startswith('epoch 1:'):
       break
   if stop == 'output lost':
@@ -125,11 +183,15 @@ def test_a_stop_asked_of_one_process_stops_both_at_the_same_step_with_a_checkpoi
   outs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [143, 143], [err and err[-3000:] for _, err in outs]
   from colorflax import checkpoints
+
   step = checkpoints.manager(work, read_only=True).latest_step()
   if stop != 'output lost':
     last = outs[0][1].strip().splitlines()[-1]
-    stopped = re.fullmatch(r'train\.py: stopped by SIGTERM at step (\d+) \(.+\) with a checkpoint; run the same '
-                           r'command again to resume', last)
+    stopped = re.fullmatch(
+        r'train\.py: stopped by SIGTERM at step (\d+) \(.+\) with a checkpoint; run the same '
+        r'command again to resume',
+        last,
+    )
     assert stopped, outs[0][1][-3000:]
     assert int(stopped.group(1)) == step
   assert 4 < step < 50 * 4

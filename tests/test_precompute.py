@@ -1,4 +1,3 @@
-import errno
 import io
 import os
 import re
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorflax import cli, features_cache, inception, precompute_features, sources, synthetic
+from colorflax import features_cache, inception, precompute_features, signals, sources, synthetic
 from colorflax.errors import UserError
 from configs import quickstart
 
@@ -76,24 +75,55 @@ def mixed_folder(tmp_path_factory):
   return root
 
 
-def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(mixed_folder, weights_pth, tmp_path, capsys):
+def test_mixed_folder_counts_reasons_and_rerun_is_byte_identical(
+    mixed_folder, weights_pth, tmp_path, capsys
+):
   config = _config(mixed_folder, tmp_path / 'cache', **{'features.inception_weights': weights_pth})
   precompute_features.precompute(config, progress=False)
-  assert ('skipped: 2 grayscale, 1 unreadable, 1 empty file, 1 not an image; each file and its reason is in '
-          f'{tmp_path}/cache/manifest.json') in capsys.readouterr().out
+  assert (
+      'skipped: 2 grayscale, 1 unreadable, 1 empty file, 1 not an image; '
+      'each file and its reason is in '
+      f'{tmp_path}/cache/manifest.json'
+  ) in capsys.readouterr().out
   cache = features_cache.open_cache(config.data.cache_dir)
   m = cache.manifest
   assert m['num_images'] == 6
-  assert m['files'] == ['a.jpg', 'c_rgba.png', 'd_palette.png', 'e_cmyk.jpg', 'f_rotated.jpg', 'sub dir/b.png']
+  assert m['files'] == [
+      'a.jpg',
+      'c_rgba.png',
+      'd_palette.png',
+      'e_cmyk.jpg',
+      'f_rotated.jpg',
+      'sub dir/b.png',
+  ]
   reasons = {s['path']: s['reason'] for s in m['skipped']}
-  assert set(reasons) == {'g_16bit.png', 'h_gray.jpg', 'i_truncated.jpg', 'j_empty.png', 'k_not_an_image.png'}
-  assert reasons['g_16bit.png'].startswith('grayscale') and reasons['h_gray.jpg'].startswith('grayscale')
+  assert set(reasons) == {
+      'g_16bit.png',
+      'h_gray.jpg',
+      'i_truncated.jpg',
+      'j_empty.png',
+      'k_not_an_image.png',
+  }
+  assert reasons['g_16bit.png'].startswith('grayscale') and reasons['h_gray.jpg'].startswith(
+      'grayscale'
+  )
   assert reasons['j_empty.png'] == 'empty file'
   assert reasons['k_not_an_image.png'] == 'not an image'
   assert reasons['i_truncated.jpg'].startswith('unreadable')
   assert cache.images.shape == (6, 32, 32, 3) and cache.embeddings.shape == (6, 1000)
-  for key in ('num_images', 'image_size', 'resize', 'embedding_dim', 'embedding_kind', 'inception_weights',
-              'source', 'files', 'skipped', 'versions', 'fingerprint'):
+  for key in (
+      'num_images',
+      'image_size',
+      'resize',
+      'embedding_dim',
+      'embedding_kind',
+      'inception_weights',
+      'source',
+      'files',
+      'skipped',
+      'versions',
+      'fingerprint',
+  ):
     assert key in m
   assert m['inception_weights'] == f'file:{weights_pth}'
 
@@ -120,6 +150,7 @@ def test_a_folder_with_linked_folders_lists_each_image_once(tmp_path):
 
 def test_exif_orientation_alpha_and_16bit_decoding(mixed_folder):
   from colorflax import image_io
+
   rotated = image_io.load_rgb(str(mixed_folder / 'f_rotated.jpg'))
   assert rotated.size == (40, 56)  # (width, height) after applying orientation 6
   rgba = np.asarray(image_io.load_rgb(str(mixed_folder / 'c_rgba.png')), np.float32)
@@ -131,23 +162,36 @@ def test_exif_orientation_alpha_and_16bit_decoding(mixed_folder):
 
 def test_cached_embedding_equals_direct_torchvision_call(mixed_folder, weights_pth, tmp_path):
   from torchvision.models import inception_v3
-  config = _config(mixed_folder, tmp_path / 'cache', **{'features.inception_weights': weights_pth,
-                                                          'features.kind': 'logits'})
+
+  config = _config(
+      mixed_folder,
+      tmp_path / 'cache',
+      **{'features.inception_weights': weights_pth, 'features.kind': 'logits'},
+  )
   precompute_features.precompute(config, progress=False)
   cache = features_cache.open_cache(config.data.cache_dir)
   net = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
   net.load_state_dict(torch.load(weights_pth, weights_only=True))
   net = net.eval().to(memory_format=torch.channels_last)  # as precompute runs it (faster on CPU)
-  first_batch = np.array(cache.images[:config.features.batch_size])
+  first_batch = np.array(cache.images[: config.features.batch_size])
   with torch.inference_mode():
     direct = net(inception.preprocess(first_batch).to(memory_format=torch.channels_last)).numpy()
-  np.testing.assert_allclose(np.asarray(cache.embeddings[:len(first_batch)]), direct, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(cache.embeddings[: len(first_batch)]), direct, rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize('kind,dim', [('probs', 1000), ('pool', 2048)])
 def test_feature_kinds(weights_pth, tmp_path, kind, dim):
-  config = _config('synthetic', tmp_path / kind, **{'features.inception_weights': weights_pth,
-                                                     'features.kind': kind, 'data.synthetic_images': 4})
+  config = _config(
+      'synthetic',
+      tmp_path / kind,
+      **{
+          'features.inception_weights': weights_pth,
+          'features.kind': kind,
+          'data.synthetic_images': 4,
+      },
+  )
   precompute_features.precompute(config, progress=False)
   cache = features_cache.open_cache(config.data.cache_dir)
   assert cache.embeddings.shape == (4, dim) and cache.embedding_dim == dim
@@ -171,14 +215,19 @@ def test_random_weights_are_calibrated_to_a_sane_scale(tmp_path):
 
 def test_a_weights_file_that_is_not_inception_v3_names_the_problem(weights_pth, tmp_path):
   from colorflax.reference import EncDec
+
   torch.save(EncDec().state_dict(), tmp_path / 'colorizer.pth')  # the wrong model's weights
   good = torch.load(weights_pth, weights_only=True)
   torch.save({**good, 'fc.weight': good['fc.weight'][:10]}, tmp_path / 'ten_classes.pth')
   (tmp_path / 'junk.pth').write_bytes(b'junk')
-  for name, problem in (('colorizer.pth', "580 missing keys, 42 unexpected, e.g. no 'AuxLogits.conv0.bn.bias'"),
-                        ('ten_classes.pth', 'size mismatch for fc.weight'),
-                        ('junk.pth', '')):
-    with pytest.raises(UserError, match=f'{name} is not a torchvision Inception-v3 state_dict \\({problem}') as e:
+  for name, problem in (
+      ('colorizer.pth', "580 missing keys, 42 unexpected, e.g. no 'AuxLogits.conv0.bn.bias'"),
+      ('ten_classes.pth', 'size mismatch for fc.weight'),
+      ('junk.pth', ''),
+  ):
+    with pytest.raises(
+        UserError, match=f'{name} is not a torchvision Inception-v3 state_dict \\({problem}'
+    ) as e:
       inception.load_model(str(tmp_path / name))
     assert '\n' not in str(e.value) and 'Error(s) in loading' not in str(e.value)
 
@@ -188,6 +237,7 @@ def test_synthetic_source_is_deterministic_and_colourful(tmp_path):
   assert np.array_equal(a, synthetic.landscape(5, 48, seed=1))
   assert not np.array_equal(a, synthetic.landscape(6, 48, seed=1))
   from colorflax import image_io
+
   assert not image_io.is_grayscale(a)
 
 
@@ -198,8 +248,15 @@ def _tiny_tfds(data_dir):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {'image': tfds.features.Image(shape=(None, None, 3)), 'label': tfds.features.ClassLabel(num_classes=2)}))
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+              {
+                  'image': tfds.features.Image(shape=(None, None, 3)),
+                  'label': tfds.features.ClassLabel(num_classes=2),
+              }
+          ),
+      )
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples(5), 'test': self._generate_examples(3, offset=100)}
@@ -217,8 +274,11 @@ def _tiny_tfds(data_dir):
 
 def test_tfds_source(weights_pth, tmp_path):
   name = _tiny_tfds(tmp_path / 'tfds')
-  config = _config(f'tfds:{name}:test', tmp_path / 'cache', **{'features.inception_weights': weights_pth,
-                                                                 'data.tfds_data_dir': str(tmp_path / 'tfds')})
+  config = _config(
+      f'tfds:{name}:test',
+      tmp_path / 'cache',
+      **{'features.inception_weights': weights_pth, 'data.tfds_data_dir': str(tmp_path / 'tfds')},
+  )
   precompute_features.precompute(config, progress=False)
   cache = features_cache.open_cache(config.data.cache_dir)
   assert cache.num_images == 3
@@ -227,8 +287,11 @@ def test_tfds_source(weights_pth, tmp_path):
 
 
 def test_reuse_and_mismatch(weights_pth, tmp_path):
-  config = _config('synthetic', tmp_path / 'c', **{'features.inception_weights': weights_pth,
-                                                    'data.synthetic_images': 4})
+  config = _config(
+      'synthetic',
+      tmp_path / 'c',
+      **{'features.inception_weights': weights_pth, 'data.synthetic_images': 4},
+  )
   precompute_features.precompute(config, progress=False)
   before = os.stat(tmp_path / 'c' / 'images.npy').st_mtime_ns
   precompute_features.precompute(config, progress=False)  # same settings: reused
@@ -241,40 +304,67 @@ def test_reuse_and_mismatch(weights_pth, tmp_path):
   assert features_cache.open_cache(tmp_path / 'c').image_size == 16
 
 
-def test_a_full_disk_is_one_line_deletes_the_partial_cache_and_keeps_the_old_one(weights_pth, tmp_path, monkeypatch):
-  config = _config('synthetic', tmp_path / 'c', **{'features.inception_weights': weights_pth,
-                                                    'data.synthetic_images': 4})
-  precompute_features.precompute(config, progress=False)
-  real_append = features_cache._RowFile.append
-
-  def append(self, rows):  # the disk fills up after two batches of 4
-    if self.rows >= 8:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    real_append(self, rows)
-
-  monkeypatch.setattr(features_cache._RowFile, 'append', append)
-  config.data.synthetic_images = 12
-  with pytest.raises(UserError, match=rf'^cannot write the features cache at {tmp_path}/c: No space left on device '
-                     r'\(after 8 of 12 images; the partial cache was deleted\)\. 12 images need about 83 KB: '
-                     r'free some space or set data.cache_dir elsewhere$'):
-    precompute_features.precompute(config, overwrite=True, progress=False)
-  assert not os.path.exists(features_cache.incomplete_dir(tmp_path / 'c'))
-  assert features_cache.open_cache(tmp_path / 'c').num_images == 4  # the cache it was to replace
+def test_a_full_disk_is_one_line_deletes_the_partial_cache_and_keeps_the_old_one(
+    weights_pth, tmp_path, small_disk
+):
+  with small_disk(tmp_path / 'disk', 64) as disk:  # room for the old cache and part of the new
+    config = _config(
+        'synthetic',
+        disk / 'c',
+        **{'features.inception_weights': weights_pth, 'data.synthetic_images': 4},
+    )
+    precompute_features.precompute(config, progress=False)
+    before = {f: (disk / 'c' / f).read_bytes() for f in os.listdir(disk / 'c')}
+    config.data.synthetic_images = 12
+    with pytest.raises(
+        UserError,
+        match=rf'^cannot write the features cache at {disk}/c: No space left on device '
+        r'\(after \d+ of 12 images; the partial cache was deleted\)\. 12 images need about 83 KB: '
+        r'free some space or set data.cache_dir elsewhere$',
+    ):
+      precompute_features.precompute(config, overwrite=True, progress=False)
+    assert not os.path.exists(features_cache.incomplete_dir(disk / 'c'))
+    assert {
+        f: (disk / 'c' / f).read_bytes() for f in os.listdir(disk / 'c')
+    } == before  # the cache it was to replace
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'colorflax.precompute_features', '--config',
-                         'configs/quickstart.py', *args], cwd=REPO, capture_output=True, text=True)
+  return subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.precompute_features',
+          '--config',
+          'configs/quickstart.py',
+          *args,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'file').write_text('x')
   cases = [
-      ([f'--config.data.source={tmp_path}/missing', f'--config.data.cache_dir={tmp_path}/c'], 'no such folder'),
-      ([f'--config.data.source={tmp_path}/empty', f'--config.data.cache_dir={tmp_path}/c'], 'no images'),
+      (
+          [f'--config.data.source={tmp_path}/missing', f'--config.data.cache_dir={tmp_path}/c'],
+          'no such folder',
+      ),
+      (
+          [f'--config.data.source={tmp_path}/empty', f'--config.data.cache_dir={tmp_path}/c'],
+          'no images',
+      ),
       ([f'--config.data.cache_dir={tmp_path}/file'], 'is a file'),
-      (['--config.data.source=tfds:no_such_dataset_xyz', f'--config.data.cache_dir={tmp_path}/c'], 'tfds build'),
+      (
+          [
+              '--config.data.source=tfds:no_such_dataset_xyz',
+              f'--config.data.cache_dir={tmp_path}/c',
+          ],
+          'tfds build',
+      ),
   ]
   for args, fragment in cases:
     r = _run_cli(*args)
@@ -286,10 +376,27 @@ def test_bad_sources_are_one_line_errors(tmp_path):
 
 def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   cache = tmp_path / 'cache'
-  args = [f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400', '--config.data.image_size=32',
-          '--config.features.batch_size=4', '--config.features.num_workers=1', '--config.features.calibration_images=4']
-  proc = subprocess.Popen([sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
-                           *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  args = [
+      f'--config.data.cache_dir={cache}',
+      '--config.data.synthetic_images=400',
+      '--config.data.image_size=32',
+      '--config.features.batch_size=4',
+      '--config.features.num_workers=1',
+      '--config.features.calibration_images=4',
+  ]
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          '-m',
+          'colorflax.precompute_features',
+          '--config',
+          'configs/quickstart.py',
+          *args,
+      ],
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
   partial = features_cache.incomplete_dir(cache)
   deadline = time.time() + 120
   while time.time() < deadline:  # wait until rows are being written, then kill it hard
@@ -309,11 +416,27 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
 
 def _start_a_400_image_build(cache):
   """(command, process) of a precompute run in its own process group, once it has recorded rows."""
-  cmd = [sys.executable, '-m', 'colorflax.precompute_features', '--config', 'configs/quickstart.py',
-         f'--config.data.cache_dir={cache}', '--config.data.synthetic_images=400', '--config.data.image_size=32',
-         '--config.features.batch_size=4', '--config.features.num_workers=2', '--config.features.calibration_images=4']
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  cmd = [
+      sys.executable,
+      '-m',
+      'colorflax.precompute_features',
+      '--config',
+      'configs/quickstart.py',
+      f'--config.data.cache_dir={cache}',
+      '--config.data.synthetic_images=400',
+      '--config.data.image_size=32',
+      '--config.features.batch_size=4',
+      '--config.features.num_workers=2',
+      '--config.features.calibration_images=4',
+  ]
+  proc = subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+  )
   progress = os.path.join(features_cache.incomplete_dir(cache), features_cache.PROGRESS)
   deadline = time.time() + 120
   while time.time() < deadline and not (features_cache._read_json(progress) or {}).get('rows'):
@@ -321,9 +444,18 @@ def _start_a_400_image_build(cache):
   return cmd, proc
 
 
-@pytest.mark.parametrize('sig,stopped_by', [(signal.SIGINT, 'interrupted'), (signal.SIGTERM, 'stopped by SIGTERM'),
-                                             (signal.SIGHUP, 'stopped by SIGHUP')], ids=['Ctrl-C', 'SIGTERM', 'SIGHUP'])
-def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(tmp_path, sig, stopped_by):
+@pytest.mark.parametrize(
+    'sig,stopped_by',
+    [
+        (signal.SIGINT, 'interrupted'),
+        (signal.SIGTERM, 'stopped by SIGTERM'),
+        (signal.SIGHUP, 'stopped by SIGHUP'),
+    ],
+    ids=['Ctrl-C', 'SIGTERM', 'SIGHUP'],
+)
+def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(
+    tmp_path, sig, stopped_by
+):
   # Ctrl-C, a closed terminal's SIGHUP and SLURM's SIGTERM reach the whole process group, the
   # decode workers too: only the main process speaks, and it says what it keeps.
   cache = tmp_path / 'cache'
@@ -331,8 +463,11 @@ def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(tm
   os.killpg(proc.pid, sig)
   _, err = proc.communicate(timeout=120)
   last = err.strip().splitlines()[-1]
-  stopped = re.fullmatch(rf'precompute_features\.py: error: {stopped_by} after (\d+) of 400 images, which are kept: '
-                         r'run the same command again to continue \(or delete .+\.incomplete to start over\)', last)
+  stopped = re.fullmatch(
+      rf'precompute_features\.py: error: {stopped_by} after (\d+) of 400 images, which are kept: '
+      r'run the same command again to continue \(or delete .+\.incomplete to start over\)',
+      last,
+  )
   assert proc.returncode == 128 + sig and stopped, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
   assert 0 < int(stopped.group(1)) < 400 and not cache.exists()
@@ -342,7 +477,12 @@ def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(tm
   cached = features_cache.open_cache(cache)
   assert cached.manifest['files'] == [f'synthetic:{i}' for i in range(400)]
   assert cached.num_images == 400 and not os.path.exists(features_cache.incomplete_dir(cache))
-  assert sorted(os.listdir(cache)) == ['embeddings.npy', 'images.npy', 'inception_batchnorm.pth', 'manifest.json']
+  assert sorted(os.listdir(cache)) == [
+      'embeddings.npy',
+      'images.npy',
+      'inception_batchnorm.pth',
+      'manifest.json',
+  ]
 
 
 def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
@@ -371,21 +511,28 @@ def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
   last = err.strip().splitlines()[-1]
-  died = re.fullmatch(r'precompute_features\.py: error: a decode worker process died after (\d+) of 400 images, which '
-                      r'are kept: run the same command again to continue \(.+\)', last)
+  died = re.fullmatch(
+      r'precompute_features\.py: error: a decode worker process died after (\d+) of 400 images, '
+      r'which '
+      r'are kept: run the same command again to continue \(.+\)',
+      last,
+  )
   assert proc.returncode == 2 and died, err[-3000:]
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0 and f': {died.group(1)} of 400 images done' in r.stdout, r.stderr[-3000:]
   assert features_cache.open_cache(cache).num_images == 400
 
 
-def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(mixed_folder, weights_pth, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(
+    mixed_folder, weights_pth, tmp_path, monkeypatch, capsys
+):
   # A folder whose last good image comes after its 5 skipped files. The run stops inside that
   # image's write, after its row reached the file but before a progress record covered it (as a
   # kill would): the next run cuts it off, keeps the skipped files' record, and continues.
   over = {'features.inception_weights': weights_pth, 'features.batch_size': 1}
-  whole = precompute_features.precompute(_config(mixed_folder, tmp_path / 'whole', **over), progress=False)
+  whole = precompute_features.precompute(
+      _config(mixed_folder, tmp_path / 'whole', **over), progress=False
+  )
   config = _config(mixed_folder, tmp_path / 'cache', **over)
   monkeypatch.setattr(features_cache, 'PROGRESS_EVERY_SECONDS', 0.0)
   real_append, calls = features_cache.CacheWriter.append, []
@@ -395,12 +542,15 @@ def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(m
     calls.append(writer.images.rows)
     if len(calls) == 6:
       raise KeyboardInterrupt
+
   monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
-  with pytest.raises(cli.Interrupted, match='interrupted after [1-9]'):
+  with pytest.raises(signals.Interrupted, match='interrupted after [1-9]'):
     precompute_features.precompute(config, progress=False)
   partial = features_cache.incomplete_dir(config.data.cache_dir)
   recorded = features_cache._read_json(os.path.join(partial, features_cache.PROGRESS))
-  assert recorded['rows'] == 5 < os.path.getsize(os.path.join(partial, 'images.npy')) // (32 * 32 * 3)
+  assert (
+      recorded['rows'] == 5 < os.path.getsize(os.path.join(partial, 'images.npy')) // (32 * 32 * 3)
+  )
   assert len(recorded['state']['skipped']) == 5
   monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
   capsys.readouterr()
@@ -408,8 +558,12 @@ def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(m
   assert 'continuing the interrupted build' in capsys.readouterr().out
   for name in ('images.npy', 'embeddings.npy', 'manifest.json', inception.CALIBRATION_FILE):
     if os.path.exists(os.path.join(whole, name)):
-      assert (tmp_path / 'cache' / name).read_bytes() == open(os.path.join(whole, name), 'rb').read(), name
-  assert features_cache.open_cache(config.data.cache_dir).manifest['skipped']  # carried over the stop
+      assert (tmp_path / 'cache' / name).read_bytes() == open(
+          os.path.join(whole, name), 'rb'
+      ).read(), name
+  assert features_cache.open_cache(config.data.cache_dir).manifest[
+      'skipped'
+  ]  # carried over the stop
 
 
 def test_writer_memory_stays_bounded(tmp_path):
@@ -438,8 +592,15 @@ def test_too_large_images_and_keeping_grayscale(tmp_path, weights_pth):
   Image.fromarray(_colourful(0, 64, 64)).save(root / 'big.png')
   Image.fromarray(_colourful(1, 20, 20)).save(root / 'small.png')
   Image.fromarray(_colourful(2, 20, 20)).convert('L').save(root / 'gray.png')
-  config = _config(root, tmp_path / 'c', **{'features.inception_weights': weights_pth,
-                                             'data.max_image_pixels': 1000, 'data.skip_grayscale': False})
+  config = _config(
+      root,
+      tmp_path / 'c',
+      **{
+          'features.inception_weights': weights_pth,
+          'data.max_image_pixels': 1000,
+          'data.skip_grayscale': False,
+      },
+  )
   precompute_features.precompute(config, progress=False)
   m = features_cache.open_cache(config.data.cache_dir).manifest
   assert m['files'] == ['gray.png', 'small.png']
@@ -453,8 +614,13 @@ def test_auto_weights_fall_back_to_random_loudly(tmp_path, monkeypatch, capsys):
   def offline(*args, **kwargs):
     raise OSError('<urlopen error [Errno -2] Name or service not known>')
 
-  monkeypatch.setattr(inception, 'inception_v3', lambda weights=None, **kw: offline() if weights else
-                      torchvision.models.inception_v3(weights=None, **kw))
+  monkeypatch.setattr(
+      inception,
+      'inception_v3',
+      lambda weights=None, **kw: offline()
+      if weights
+      else torchvision.models.inception_v3(weights=None, **kw),
+  )
   model, used = inception.load_model('auto', seed=3)
   assert used == 'random(seed=3)'
   assert 'RANDOM weights' in capsys.readouterr().err
@@ -463,7 +629,11 @@ def test_auto_weights_fall_back_to_random_loudly(tmp_path, monkeypatch, capsys):
 
 
 def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, capsys):
-  over = {'data.synthetic_images': 20, 'features.inception_weights': 'random', 'features.calibration_images': 8}
+  over = {
+      'data.synthetic_images': 20,
+      'features.inception_weights': 'random',
+      'features.calibration_images': 8,
+  }
   single = _config('synthetic', tmp_path / 'single', **over)
   precompute_features.precompute(single, progress=False)
   sharded = _config('synthetic', tmp_path / 'sharded', **over, **{'features.num_shards': 2})
@@ -477,8 +647,9 @@ def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, 
     real_append(writer, *args)
     if writer.images.rows == 8:
       raise KeyboardInterrupt
+
   monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
-  with pytest.raises(cli.Interrupted, match='interrupted after 4 of 10 images'):
+  with pytest.raises(signals.Interrupted, match='interrupted after 4 of 10 images'):
     precompute_features.precompute(sharded, progress=False)
   monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
   capsys.readouterr()
@@ -491,11 +662,16 @@ def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, 
   sharded.features.shard_index = 0
   precompute_features.precompute(sharded, progress=False)
   precompute_features.merge(sharded)
-  a, b = features_cache.open_cache(tmp_path / 'single'), features_cache.open_cache(tmp_path / 'sharded')
+  a, b = features_cache.open_cache(tmp_path / 'single'), features_cache.open_cache(
+      tmp_path / 'sharded'
+  )
   assert a.manifest['files'] == b.manifest['files'] and a.num_images == b.num_images == 20
   assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
-  np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(a.embeddings), np.asarray(b.embeddings), rtol=1e-5, atol=1e-5
+  )
   assert a.manifest['fingerprint'] == b.manifest['fingerprint']
-  assert (tmp_path / 'single' / inception.CALIBRATION_FILE).read_bytes() == \
-      (tmp_path / 'sharded' / inception.CALIBRATION_FILE).read_bytes()
+  assert (tmp_path / 'single' / inception.CALIBRATION_FILE).read_bytes() == (
+      tmp_path / 'sharded' / inception.CALIBRATION_FILE
+  ).read_bytes()
   assert not os.path.exists(features_cache.parts_root(tmp_path / 'sharded'))

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from colorflax import cli, preemption
+from colorflax import preemption, signals
 
 
 def test_a_signal_in_the_middle_of_a_write_to_stderr_still_stops(monkeypatch):
@@ -15,6 +15,7 @@ def test_a_signal_in_the_middle_of_a_write_to_stderr_still_stops(monkeypatch):
   sent = []
 
   class Terminal(io.RawIOBase):
+
     def writable(self):
       return True
 
@@ -24,11 +25,13 @@ def test_a_signal_in_the_middle_of_a_write_to_stderr_still_stops(monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside this flush
       return len(data)
 
-  monkeypatch.setattr(sys, 'stderr', io.TextIOWrapper(io.BufferedWriter(Terminal()), line_buffering=True))
+  monkeypatch.setattr(
+      sys, 'stderr', io.TextIOWrapper(io.BufferedWriter(Terminal()), line_buffering=True)
+  )
   stop = preemption.StopRequest(checkpoint_manager=None)
   try:
     print('train: 2/200 step', file=sys.stderr)
     assert sent and stop.requested() and stop.exit_code == 128 + signal.SIGTERM
   finally:
     stop.close()
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not isinstance(sys.stderr, cli._GuardedStream)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not signals.output_is_guarded()

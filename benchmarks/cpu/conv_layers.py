@@ -15,18 +15,31 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from colorflax import benchmark
+from colorflax import timing
 
 LAYERS = [  # name, input channels, output channels, kernel, resolution divisor
-    ('enc1', 1, 128, 3, 1), ('enc2_1', 128, 128, 5, 2), ('enc2_3', 128, 128, 3, 2), ('enc3_1', 128, 256, 5, 4),
-    ('enc3_3', 256, 256, 3, 4), ('enc4_1', 256, 256, 5, 8), ('enc4_3', 256, 256, 3, 8), ('enc4_5', 256, 256, 3, 8),
-    ('dec1_0', 1256, 128, 3, 8), ('dec1_2', 128, 64, 3, 8), ('dec2_0', 320, 128, 3, 4), ('dec3_0', 256, 64, 5, 2),
-    ('dec3_2', 64, 64, 3, 2), ('dec3_4', 64, 32, 3, 2), ('dec3_6', 32, 2, 3, 2), ('dec4_0', 2, 2, 3, 1)]
+    ('enc1', 1, 128, 3, 1),
+    ('enc2_1', 128, 128, 5, 2),
+    ('enc2_3', 128, 128, 3, 2),
+    ('enc3_1', 128, 256, 5, 4),
+    ('enc3_3', 256, 256, 3, 4),
+    ('enc4_1', 256, 256, 5, 8),
+    ('enc4_3', 256, 256, 3, 8),
+    ('enc4_5', 256, 256, 3, 8),
+    ('dec1_0', 1256, 128, 3, 8),
+    ('dec1_2', 128, 64, 3, 8),
+    ('dec2_0', 320, 128, 3, 4),
+    ('dec3_0', 256, 64, 5, 2),
+    ('dec3_2', 64, 64, 3, 2),
+    ('dec3_4', 64, 32, 3, 2),
+    ('dec3_6', 32, 2, 3, 2),
+    ('dec4_0', 2, 2, 3, 1),
+]
 
 
 def median_seconds(fn, repeats=7):
   fn()  # compilation / warm-up
-  return benchmark._median_time(fn, repeats)
+  return timing.median_time(fn, repeats)
 
 
 def main(size=128, batch=8):
@@ -36,8 +49,12 @@ def main(size=128, batch=8):
     h = size // divisor
     x = jax.random.normal(jax.random.key(0), (batch, h, h, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
-    loss = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
-        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
+    loss = lambda x, w: jnp.sum(
+        jax.lax.conv_general_dilated(
+            x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
+        ** 2
+    )
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
     xla = median_seconds(lambda: jax.block_until_ready(grads(x, w)))
 
@@ -53,8 +70,13 @@ def main(size=128, batch=8):
     flops = 3 * 2 * batch * h * h * cin * cout * k * k  # forward, input gradient, weight gradient
     total['xla'] += xla
     total['torch'] += pt
-    print(f'{name:7s} {h:3d}² {cin:4d}->{cout:3d} k{k}: XLA {xla * 1e3:7.1f} ms ({flops / xla / 1e9:4.0f} GFLOP/s)  '
-          f'PyTorch {pt * 1e3:7.1f} ms ({flops / pt / 1e9:4.0f} GFLOP/s)  XLA/PyTorch speed {pt / xla:.2f}', flush=True)
+    print(
+        f'{name:7s} {h:3d}² {cin:4d}->{cout:3d} k{k}: '
+        f'XLA {xla * 1e3:7.1f} ms ({flops / xla / 1e9:4.0f} GFLOP/s)  '
+        f'PyTorch {pt * 1e3:7.1f} ms ({flops / pt / 1e9:4.0f} GFLOP/s)  '
+        f'XLA/PyTorch speed {pt / xla:.2f}',
+        flush=True,
+    )
   print(f"all layers: XLA {total['xla'] * 1e3:.0f} ms, PyTorch {total['torch'] * 1e3:.0f} ms")
 
 

@@ -33,14 +33,18 @@ def seconds(f, *args, repeats=5):
 
 
 def conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
 def im2col_conv(x, w):
   b, h, wd, c = x.shape
   k, o = w.shape[0], w.shape[-1]
   xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-  cols = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(k) for j in range(k)], axis=-1)
+  cols = jnp.concatenate(
+      [xp[:, i : i + h, j : j + wd] for i in range(k) for j in range(k)], axis=-1
+  )
   return (cols.reshape(b * h * wd, k * k * c) @ w.reshape(k * k * c, o)).reshape(b, h, wd, o)
 
 
@@ -49,8 +53,12 @@ def fwd_bwd(f):
 
 
 def main():
-  print('XLA_FLAGS:', os.environ.get('XLA_FLAGS', ''), '| ONEDNN_DEFAULT_FPMATH_MODE:',
-        os.environ.get('ONEDNN_DEFAULT_FPMATH_MODE', ''))
+  print(
+      'XLA_FLAGS:',
+      os.environ.get('XLA_FLAGS', ''),
+      '| ONEDNN_DEFAULT_FPMATH_MODE:',
+      os.environ.get('ONEDNN_DEFAULT_FPMATH_MODE', ''),
+  )
   key = jax.random.key(0)
   for dtype in (jnp.float32, jnp.bfloat16):
     a = jax.random.normal(key, (2048, 2048), dtype)
@@ -61,9 +69,15 @@ def main():
     for dtype in (jnp.float32, jnp.bfloat16):
       x = jax.random.normal(key, (b, s, s, c), dtype)
       w = jax.random.normal(key, (k, k, c, o), dtype) * 0.05
-      times = {name: seconds(fwd_bwd(f), x, w) for name, f in (('conv', conv), ('im2col', im2col_conv))}
-      print(f'{jnp.dtype(dtype).name:8s} {b}x{s}x{s}x{c} -> {o}, k{k}, fwd+bwd: '
-            + ', '.join(f'{n} {t * 1e3:6.1f} ms ({flops / t / 1e9:3.0f} GFLOP/s)' for n, t in times.items()))
+      times = {
+          name: seconds(fwd_bwd(f), x, w) for name, f in (('conv', conv), ('im2col', im2col_conv))
+      }
+      print(
+          f'{jnp.dtype(dtype).name:8s} {b}x{s}x{s}x{c} -> {o}, k{k}, fwd+bwd: '
+          + ', '.join(
+              f'{n} {t * 1e3:6.1f} ms ({flops / t / 1e9:3.0f} GFLOP/s)' for n, t in times.items()
+          )
+      )
 
 
 if __name__ == '__main__':

@@ -18,19 +18,48 @@ class EncDec(nn.Module):
   def __init__(self, embedding_dim: int = 1000):
     super().__init__()
     self.enc1 = nn.Sequential(_conv(1, 128, 3), nn.LeakyReLU(0.1))
-    self.enc2 = nn.Sequential(nn.MaxPool2d(2), _conv(128, 128, 5), nn.ReLU(), _conv(128, 128, 3),
-                              nn.ReLU(), nn.BatchNorm2d(128))
-    self.enc3 = nn.Sequential(nn.MaxPool2d(2), _conv(128, 256, 5), nn.ReLU(), _conv(256, 256, 3),
-                              nn.ReLU())
-    self.enc4 = nn.Sequential(nn.MaxPool2d(2), _conv(256, 256, 5), nn.ReLU(), _conv(256, 256, 3),
-                              nn.ReLU(), _conv(256, 256, 3), nn.ReLU(), nn.BatchNorm2d(256))
-    self.dec1 = nn.Sequential(_conv(256 + embedding_dim, 128, 3), nn.ReLU(), _conv(128, 64, 3),
-                              nn.LeakyReLU(0.1), nn.Upsample(scale_factor=2, mode='nearest'))
-    self.dec2 = nn.Sequential(_conv(64 + 256, 128, 3), nn.ReLU(),
-                              nn.Upsample(scale_factor=2, mode='nearest'))
-    self.dec3 = nn.Sequential(_conv(128 + 128, 64, 5), nn.ReLU(), _conv(64, 64, 3), nn.ReLU(),
-                              _conv(64, 32, 3), nn.ReLU(), _conv(32, 2, 3), nn.LeakyReLU(0.1),
-                              nn.Upsample(scale_factor=2, mode='nearest'))
+    self.enc2 = nn.Sequential(
+        nn.MaxPool2d(2),
+        _conv(128, 128, 5),
+        nn.ReLU(),
+        _conv(128, 128, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(128),
+    )
+    self.enc3 = nn.Sequential(
+        nn.MaxPool2d(2), _conv(128, 256, 5), nn.ReLU(), _conv(256, 256, 3), nn.ReLU()
+    )
+    self.enc4 = nn.Sequential(
+        nn.MaxPool2d(2),
+        _conv(256, 256, 5),
+        nn.ReLU(),
+        _conv(256, 256, 3),
+        nn.ReLU(),
+        _conv(256, 256, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(256),
+    )
+    self.dec1 = nn.Sequential(
+        _conv(256 + embedding_dim, 128, 3),
+        nn.ReLU(),
+        _conv(128, 64, 3),
+        nn.LeakyReLU(0.1),
+        nn.Upsample(scale_factor=2, mode='nearest'),
+    )
+    self.dec2 = nn.Sequential(
+        _conv(64 + 256, 128, 3), nn.ReLU(), nn.Upsample(scale_factor=2, mode='nearest')
+    )
+    self.dec3 = nn.Sequential(
+        _conv(128 + 128, 64, 5),
+        nn.ReLU(),
+        _conv(64, 64, 3),
+        nn.ReLU(),
+        _conv(64, 32, 3),
+        nn.ReLU(),
+        _conv(32, 2, 3),
+        nn.LeakyReLU(0.1),
+        nn.Upsample(scale_factor=2, mode='nearest'),
+    )
     self.dec4 = nn.Sequential(_conv(2, 2, 3), nn.Tanh())
 
   def forward(self, L: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
