@@ -17,7 +17,7 @@ import tempfile
 
 from absl import flags as absl_flags
 
-from colorflax import cli, measurements
+from colorflax import cli, files, measurements, signals
 from colorflax.benchmark_report import format_table, machine, peak_devices
 from colorflax.errors import UserError
 
@@ -253,6 +253,8 @@ def main(argv, flags):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = cli.load_config(flags)
   json_path = cli.output_file(flags.json, 'json')
+  if json_path:  # before the measurements, which take minutes
+    files.check_writable(os.path.dirname(json_path), 'json')
   results = run(
       config,
       flags.repeats,
@@ -263,10 +265,11 @@ def main(argv, flags):
       flags.rounds,
       flags.recipe_epochs,
   )
-  print(format_table(results))
   if json_path:
-    with open(json_path, 'w') as f:
+    with files.atomic(json_path) as f:
       json.dump(results, f, indent=2)
+  signals.work_done()
+  print(format_table(results))
 
 
 def entry_point():

@@ -11,17 +11,21 @@ off mid-write is never listed: readers fall back to the previous complete one.
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import re
+import shlex
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from colorflax import files
 from colorflax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'  # held by the command writing into the workdir (workdir_lock)
 IMPORTED = 'convert_torch'  # meta['source'] of a checkpoint convert_torch wrote
 WHICH = ('best', 'latest')  # --checkpoint and config.init_checkpoint: these, or a step number
 
@@ -43,6 +47,21 @@ INIT_FROM_KEYS = ('model.width', 'features.kind')
 
 def checkpoint_dir(workdir) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops two kinds of orbax log records. Its warning that a checkpoint was saved without
+  metrics: mid-epoch checkpoints have no validation loss, by design. And the tracebacks its
+  background threads log when a write fails (a full disk: ~470 lines for one checkpoint), which
+  `wait` turns into one line naming the failure and the checkpoint kept."""
+
+  def filter(self, record):
+    if 'did not provide metrics' in record.getMessage():
+      return False
+    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+logging.get_absl_logger().addFilter(_QuietOrbax())
 
 
 def manager(workdir, *, keep: int = 3, read_only: bool = False, async_writes: bool = True):
@@ -180,11 +199,23 @@ def write_config(workdir, config):
   """The resolved config as JSON, next to the checkpoints (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
+  with files.atomic(os.path.join(workdir, CONFIG_FILE)) as f:
     f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(path + '.tmp', path)
+
+
+def workdir_lock(workdir):
+  """One command at a time writes into a workdir (train, convert_torch): colorflax.locks. With
+  several processes, process 0 holds it for the run (they write one run together)."""
+  from colorflax import locks
+
+  if jax.process_index() != 0:
+    return contextlib.nullcontext()
+  files.create_folder(workdir, 'workdir')
+  return locks.exclusive(
+      os.path.join(workdir, LOCK_FILE),
+      f'the workdir {workdir}',
+      'wait for the other command to finish, or use another --workdir',
+  )
 
 
 def read_config(workdir):
@@ -194,7 +225,7 @@ def read_config(workdir):
   if os.path.isfile(os.path.expanduser(workdir)):
     hint = (
         '; import a PyTorch checkpoint first with '
-        f'`python -m colorflax.convert_torch {workdir} --workdir DIR`, '
+        f'`python -m colorflax.convert_torch {shlex.quote(workdir)} --workdir DIR`, '
         f'then give DIR'
         if workdir.endswith(('.pth', '.pt'))
         else ''
@@ -301,7 +332,7 @@ def check_can_train_in(workdir, config):
   if holds_weights_only(workdir):
     raise UserError(
         f'{workdir} holds imported weights (convert_torch), not a training run to resume: '
-        f'to train from them, use a new --workdir with --config.init_from={workdir}'
+        f'to train from them, use a new --workdir with --config.init_from={shlex.quote(workdir)}'
     )
   if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return

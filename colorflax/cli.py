@@ -56,26 +56,89 @@ def _unknown_key_message(exc, argv):
   return f'unknown config field {key!r}{hint}'
 
 
-def parse_flags(flags, argv):
-  """absl flag parsing, with config errors reduced to one clear line."""
+def _config_path(argv):
+  """The config file this command line names (--config FILE or --config=FILE), else the
+  default a workdir entry point parses its overrides with."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith('--config='):
+      return arg[len('--config=') :]
+  return default_config_path()
+
+
+def config_file_problem(path):
+  """Why `path` is not a config file colorflax can use (one line), or None."""
+  import importlib.util
+
+  import ml_collections
+
+  if not os.path.isfile(os.path.expanduser(path)):
+    return f'--config: no such file: {path}'
   try:
-    return flags(argv)
+    spec = importlib.util.spec_from_file_location(
+        'colorflax_config_check', os.path.expanduser(path)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except (SyntaxError, ValueError) as e:
+    if 'null bytes' in str(e):  # a binary file (SyntaxError or ValueError, by Python release)
+      return f'--config {path} is not a Python file (it holds null bytes)'
+    if isinstance(e, SyntaxError):
+      return f'--config {path} is not valid Python ({e.msg}, line {e.lineno})'
+    return f'--config {path} failed to load ({e})'
+  except Exception as e:
+    return f'--config {path} failed to load ({type(e).__name__}: {_first_line(e)})'
+  if not callable(getattr(module, 'get_config', None)):
+    return f'--config {path} defines no get_config() (see configs/default.py)'
+  try:
+    config = module.get_config()
+  except Exception as e:
+    return f'--config {path}: get_config() failed ({type(e).__name__}: {_first_line(e)})'
+  if not isinstance(config, ml_collections.ConfigDict):
+    return (
+        f'--config {path}: get_config() returned a {type(config).__name__}, not an '
+        'ml_collections.ConfigDict'
+    )
+  return None
+
+
+def _first_line(e):
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def parse_command_line(define_flags, argv):
+  """(the entry point's flags, the arguments left): the flags built and parsed, with every
+  problem of the config (a typo in an override, a file that is not a config) one clear line."""
+  try:
+    flags = build_flags(define_flags)  # a workdir entry point's default config loads here
+    if any(arg in ('--help', '-h', '-help', '--helpfull') for arg in argv[1:]):
+      return flags, None
+    return flags, flags(argv)
   except absl_flags.Error as e:
     fail(str(e).splitlines()[0])
-  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-    fail(_unknown_key_message(e, argv))
+  except Exception as e:  # the config file, or an override of a field it does not have
+    problem = config_file_problem(_config_path(argv[1:]))
+    if problem is None and isinstance(e, (AttributeError, KeyError)):
+      problem = _unknown_key_message(e, argv)
+    fail(problem or f'--config: {type(e).__name__}: {_first_line(e)}')
 
 
 def load_config(flags):
   """The parsed, overridden, locked config, validated; a missing or broken file is one line."""
-  if flags['config'].value is None:
+  import ml_collections
+
+  path = flags['config'].config_filename
+  if not path:
     raise UserError('--config is required, e.g. --config configs/quickstart.py')
   try:
     config = flags.config
     config.keys()  # the file is loaded lazily; make a loading error surface here
-  except (OSError, SyntaxError, ImportError) as e:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    raise UserError(f'--config: {lines[-1] if lines else e}') from None
+  except Exception:
+    raise UserError(config_file_problem(path) or f'--config {path} cannot be loaded') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(config_file_problem(path) or f'--config {path} is not a config')
   return config_validation.validate(config)
 
 
@@ -98,14 +161,6 @@ def output_folder(path, flag):
   path = os.path.abspath(os.path.expanduser(path))
   _file_on_the_way(path, flag, path)
   return path
-
-
-def create_folder(path, flag):
-  """Creates the folder `path` (and those above it), or a one-line error naming `--flag`."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--{flag} {path}: cannot create the folder ({e.strerror or e})') from None
 
 
 def output_file(path, flag):
@@ -139,6 +194,9 @@ def load_workdir_config(flags, workdir):
   """A workdir's recorded config, with this command line's --config.x=... overrides applied."""
   from colorflax import checkpoints
 
+  if flags['config'].present:  # only its fields are used, but a wrong file is still a mistake
+    if problem := config_file_problem(flags['config'].config_filename):
+      raise UserError(problem)
   config = checkpoints.read_config(workdir)
   for key, value in override_values(flags).items():
     parent, _, name = key.rpartition('.')
@@ -170,11 +228,26 @@ def build_flags(define_flags):
   return flags
 
 
+def _stopped(message, code):
+  """Ends a command that a signal stopped, once its cleanup has run: the one line, then exit at
+  once. Not through the interpreter's own shutdown, which crashed (SIGSEGV) when the signal had
+  come while XLA was starting or compiling in its threads."""
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
+  print(f'{prog}: error: {message}', file=sys.stderr)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)
+
+
 def run(main, define_flags):
   """Builds the flags, parses the command line and calls `main(argv, flags)`; UserError -> one
   line on stderr and exit code 2. `--help` / `-h` print the entry point's `help_text` and exit 0.
   Ctrl-C, SIGTERM and SIGHUP stop the work with one line (`Interrupted`'s, if the work raised
-  one) and exit code 128 + the signal; output that can no longer be written is dropped
+  one) and exit code 128 + the signal; once `main` has returned, the work is done and a signal
+  no longer stops it (a second one kills). Output that can no longer be written is dropped
   (`signals.output_guarded`).
 
   Exceptions raised where no one can catch them (callbacks of background threads: Python calls
@@ -182,30 +255,31 @@ def run(main, define_flags):
   are the same failure seen again by the other tasks of a failed operation (e.g. orbax's other
   reads of a damaged checkpoint), a screenful of tracebacks that would bury the one line.
   """
-  flags = build_flags(define_flags)
-  if any(arg in ('--help', '-h', '-help', '--helpfull') for arg in sys.argv[1:]):
+  flags, argv = parse_command_line(define_flags, sys.argv)
+  if argv is None:
     print(help_text(sys.modules[main.__module__].__doc__, flags))
     sys.exit(0)
-  argv = parse_flags(flags, sys.argv)
   default_hook, held, one_line_error = sys.unraisablehook, [], False
   sys.unraisablehook = held.append
+  code, finished = None, False
   try:
     with signals.stop_on_signals(), signals.output_guarded():
-      try:
-        code = main(argv, flags)
-      except UserError as e:
-        one_line_error = True
-        import logging
+      code = main(argv, flags)
+      finished = True
+      signals.work_done()
+  except UserError as e:
+    one_line_error = True
+    import logging
 
-        # "Task exception was never retrieved"
-        logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-        fail(str(e))
-      except signals.Interrupted as e:
-        one_line_error = True
-        fail(str(e), code=e.exit_code)
-      except KeyboardInterrupt as e:
-        one_line_error = True
-        fail(*signals.stop_reason(e))
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
+    fail(str(e))
+  except signals.Interrupted as e:
+    one_line_error = True
+    _stopped(str(e), e.exit_code)
+  except KeyboardInterrupt as e:
+    if not finished:  # else Ctrl-C came as the finished command was ending: nothing to stop
+      one_line_error = True
+      _stopped(*signals.stop_reason(e))
   finally:
     if not one_line_error:  # success, or a crash whose traceback they may help explain
       sys.unraisablehook = default_hook

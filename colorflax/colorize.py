@@ -16,52 +16,56 @@ import numpy as np
 from absl import flags as absl_flags
 from PIL import Image
 
-from colorflax import checkpoints, cli, color, distributed, features_cache, image_io
+from colorflax import checkpoints, cli, color, distributed, features_cache, files, image_io
 from colorflax import model as model_lib
 from colorflax import reporting, signals
 from colorflax.errors import UserError
 
 
+def _walk(path, output):
+  """(file, its path relative to the folder above `path`) for the images under folder `path`,
+  sorted. The walk skips `output`: with the output folder inside an input folder, running the
+  command again must not colorize the previous run's outputs (and nest them one level deeper)."""
+  found = []
+  skip = (output, output and os.path.join(output, os.path.basename(path)))  # where outputs go
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
+    for name in sorted(filenames):
+      if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
+        full = os.path.join(dirpath, name)
+        found.append((full, os.path.relpath(full, os.path.dirname(path))))
+  return found
+
+
 def expand_inputs(inputs, output=None):
   """[(path, output name or None, why not)] for files and folders (recursively), in order,
-  without duplicates, and with no two inputs given the same output name. A folder's walk skips
-  `output`: with the output folder inside an input folder, running the command again must not
-  colorize the previous run's outputs (and nest them one level deeper)."""
-  found, seen = [], set()
+  without duplicates, and with no two inputs given the same output name."""
+  found, seen = [], set()  # (path, relative name or None, why not)
   output = output and os.path.abspath(output)
   for item in inputs:
     path = os.path.abspath(os.path.expanduser(item))
     if os.path.isdir(path):
-      for dirpath, dirnames, filenames in os.walk(path):
-        skip = (
-            output,
-            output and os.path.join(output, os.path.basename(path)),
-        )  # where its outputs go
-        dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
-        for name in sorted(filenames):
-          if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
-            full = os.path.join(dirpath, name)
-            found.append((full, os.path.relpath(full, os.path.dirname(path))))
+      found += [(full, rel, None) for full, rel in _walk(path, output)]
     elif os.path.isfile(path):
-      found.append((path, os.path.basename(path)))
+      found.append((path, os.path.basename(path), None))
+    elif os.path.exists(path):  # reported as a failure, like an unreadable file
+      found.append((path, None, 'not a regular file (a pipe, a device?): give an image file'))
     else:
-      found.append((path, None))  # reported as a failure, like an unreadable file
+      found.append((path, None, 'no such file or folder'))
   unique = []
-  for path, rel in found:
-    if path not in seen:
-      seen.add(path)
-      unique.append((path, rel))
+  for entry in found:
+    if entry[0] not in seen:
+      seen.add(entry[0])
+      unique.append(entry)
   # photo.jpg and photo.png would both become photo.png: such inputs keep their extension in the
   # name (photo.jpg.png, photo.png.png). A clash that remains (a.jpg from two folders, given as
   # files) is refused for the later input: no output overwrites another.
   stem = lambda rel: os.path.splitext(rel)[0] + '.png'
-  clashes = collections.Counter(
-      stem(rel).lower() for _, rel in unique if rel
-  )  # A.png is a.png on macOS
+  clashes = collections.Counter(stem(rel).lower() for _, rel, _ in unique if rel)  # A is a: macOS
   taken, result = {}, []
-  for path, rel in unique:
-    if rel is None:
-      result.append((path, None, 'no such file or folder'))
+  for path, rel, why_not in unique:
+    if why_not:
+      result.append((path, None, why_not))
       continue
     out = stem(rel) if clashes[stem(rel).lower()] == 1 else rel + '.png'
     if out.lower() in taken:
@@ -198,13 +202,18 @@ def recombine(l_full, ab_small):
 
 def save_png(rgb, out):
   """Writes uint8 RGB as the PNG `out`, aside then renamed: a full disk or Ctrl-C never leaves a
-  cut-off file behind. Returns None, or why it could not be written."""
+  cut-off file behind. Returns None, or why it could not be written; a disk that takes no more
+  (full, read-only) stops the run (UserError): every later output would fail the same way."""
   aside = out + '.tmp.png'
   try:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     Image.fromarray(rgb).save(aside)
     os.replace(aside, out)
   except OSError as e:
+    if e.errno in files.NO_SPACE + files.NOT_WRITABLE:
+      raise UserError(
+          f'cannot write {out}: {files.why(e)} (with --skip_existing, the images done are kept)'
+      ) from None
     return f'cannot write {out}: {e.strerror or e}'
   finally:
     if os.path.isfile(aside):
@@ -246,7 +255,8 @@ def colorize(
   input_paths = {p for p, _, _ in items}
   colorizer = Colorizer(workdir, config, which, size, inception_weights)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
-  cli.create_folder(output, 'output')
+  files.create_folder(output, 'output')
+  files.check_writable(output, 'output')
   written, failed, kept, batch = [], [], [], []
 
   def flush():
@@ -333,6 +343,7 @@ def main(argv, flags):
       weights,
       skip_existing=flags.skip_existing,
   )
+  signals.work_done()  # every output is written
   for path, reason in failed:
     print(f'skipped {path}: {reason}')
   print(

@@ -71,6 +71,8 @@ def load_torch_checkpoint(path):
   import torch
 
   path = os.path.expanduser(str(path))
+  if os.path.isdir(path):
+    raise UserError(f'{path} is a folder; give the PyTorch checkpoint file (.pth) itself')
   if not os.path.isfile(path):
     raise UserError(f'no such checkpoint file: {path}')
   try:

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from absl import flags as absl_flags
 
-from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, losses
+from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, files, losses
 from colorflax import model as model_lib
-from colorflax import reporting
+from colorflax import reporting, signals
 from colorflax.errors import UserError
 
 SPLITS = ('val', 'train', 'all')
@@ -129,15 +129,13 @@ PER_IMAGE_COLUMNS = (
 )
 
 
-def write_per_image_csv(path, per_image, files):
+def write_per_image_csv(f, per_image, names):
   """One line per image: its cache row, its source file (the manifest's id), and its metrics."""
-  with open(path, 'w', newline='') as f:
-    out = csv.writer(f)
-    out.writerow(('row', 'file') + PER_IMAGE_COLUMNS)
-    for i, row in enumerate(per_image['row']):
-      out.writerow(
-          [int(row), files[row]] + [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS]
-      )
+  out = csv.writer(f)
+  out.writerow(('row', 'file') + PER_IMAGE_COLUMNS)
+  for i, row in enumerate(per_image['row']):
+    values = [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS]
+    out.writerow([int(row), names[row]] + values)
 
 
 def format_table(m):
@@ -166,7 +164,7 @@ def define_flags(flags):
   absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
   absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
   absl_flags.DEFINE_string(
-      'split', 'val', "'val' (the training run's held-out split), 'train' or " "'all'.", **define
+      'split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.", **define
   )
   absl_flags.DEFINE_string('json', None, 'Also write the metrics to this JSON file.', **define)
   absl_flags.DEFINE_integer(
@@ -191,27 +189,37 @@ def main(argv, flags):
   if not flags.workdir:
     raise UserError('--workdir is required')
   config = cli.load_workdir_config(flags, flags.workdir)
+  # Every output is checked before the work, so that none fails after it.
   json_path = cli.output_file(flags.json, 'json')
   csv_path = cli.output_file(flags.per_image, 'per_image')
+  for path, flag in ((json_path, 'json'), (csv_path, 'per_image')):
+    if path:
+      files.check_writable(os.path.dirname(path), flag)
+  samples_dir = os.path.join(flags.workdir, 'samples')
+  if flags.samples:
+    files.create_folder(samples_dir, 'samples')
+    files.check_writable(samples_dir, 'samples')
   summary, grid, per_image = evaluate(
       flags.workdir, config, flags.checkpoint, flags.split, samples=flags.samples
   )
-  print(format_table(summary))
+  written = []
   if json_path:
-    with open(json_path, 'w') as f:
+    with files.atomic(json_path) as f:
       json.dump(summary, f, indent=2)
   if csv_path:
-    write_per_image_csv(
-        csv_path, per_image, features_cache.read_manifest(config.data.cache_dir)['files']
-    )
-    print(f'per-image metrics: {csv_path}')
+    names = features_cache.read_manifest(config.data.cache_dir)['files']
+    with files.atomic(csv_path, newline='') as f:
+      write_per_image_csv(f, per_image, names)
+    written.append(f'per-image metrics: {csv_path}')
   if grid is not None:
     from PIL import Image
 
-    path = os.path.join(flags.workdir, 'samples', f'eval_step_{summary["checkpoint_step"]:07d}.png')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-    print(f'samples: {path}')
+    path = os.path.join(samples_dir, f'eval_step_{summary["checkpoint_step"]:07d}.png')
+    with files.atomic(path, 'wb') as f:
+      Image.fromarray(grid).save(f, format='PNG')
+    written.append(f'samples: {path}')
+  signals.work_done()  # every output is written
+  print('\n'.join([format_table(summary)] + written))
 
 
 def entry_point():

@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from colorflax import sources
+from colorflax import files, sources
 from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
@@ -93,6 +93,21 @@ def part_dir(cache_dir, shard, shards) -> str:
   return os.path.join(parts_root(cache_dir), f'part-{shard:05d}-of-{shards:05d}')
 
 
+def part_dirs(cache_dir):
+  """The folders of a sharded build's parts (finished or not), sorted."""
+  root = parts_root(cache_dir)
+  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  return [os.path.join(root, p) for p in names if p.startswith('part-') and '.' not in p]
+
+
+def finished(cache_dir) -> bool:
+  """Whether `cache_dir` holds a finished cache (or part), as far as its manifest tells."""
+  try:
+    return read_manifest(cache_dir) is not None
+  except DamagedCache:
+    return False
+
+
 def incomplete_dir(cache_dir) -> str:
   return os.path.abspath(os.path.expanduser(cache_dir)).rstrip('/') + '.incomplete'
 
@@ -107,10 +122,8 @@ class CacheWriter:
   def __init__(self, cache_dir, image_size, embedding_dim, expected_rows=0, resume_key=None):
     self.final = os.path.abspath(os.path.expanduser(cache_dir))
     self.tmp = incomplete_dir(cache_dir)
-    self.row_bytes, self.expected_rows = (
-        image_size * image_size * 3 + embedding_dim * 4,
-        expected_rows,
-    )
+    self.row_bytes = image_size * image_size * 3 + embedding_dim * 4
+    self.expected_rows = expected_rows
     self.resume_key, self.resumed, self.files = resume_key, None, []
     images = (os.path.join(self.tmp, 'images.npy'), (image_size, image_size, 3), np.uint8)
     embeddings = (os.path.join(self.tmp, 'embeddings.npy'), (embedding_dim,), np.float32)
@@ -138,20 +151,26 @@ class CacheWriter:
 
   @contextlib.contextmanager
   def writing(self):
-    """Around anything written into the cache: a full disk (or any failed write) is one line,
-    and the partial cache is deleted at once (on a full disk, its space is what is needed back)."""
+    """Around anything written into the cache: a failed write (a full disk, a folder that cannot
+    be written) is one line saying what to do, and the partial cache is deleted at once (on a
+    full disk, its space is what is needed back)."""
     try:
       yield
     except OSError as e:
       self.abort()
       rows = self.images.rows if hasattr(self, 'images') else 0
       total = max(self.expected_rows, rows)
+      if e.errno in files.NO_SPACE:
+        need = f'{total} images need about {_size(total * self.row_bytes)}: ' if total else ''
+        advice = f'{need}free some space or set data.cache_dir elsewhere'
+      elif e.errno in files.NOT_WRITABLE:
+        advice = f'{os.path.dirname(self.final)} cannot be written: set data.cache_dir elsewhere'
+      else:
+        advice = 'run the same command again'
+      done = f'{rows} of {total}' if total else f'{rows}'
       raise UserError(
-          f'cannot write the features cache at {self.final}: {e.strerror or e} (after {rows}'
-          + (f' of {total}' if total else '')
-          + ' images; the partial cache was deleted). '
-          + (f'{total} images need about {_size(total * self.row_bytes)}: ' if total else '')
-          + 'free some space or set data.cache_dir elsewhere'
+          f'cannot write the features cache at {self.final}: {e.strerror or e} (after {done} '
+          f'images; the partial cache was deleted). {advice}'
       ) from None
 
   def append(self, images, embeddings, ids):
@@ -208,9 +227,7 @@ class CacheWriter:
       if rows is not None and not rows.f.closed:
         try:
           rows.f.close()
-        except (
-            OSError
-        ):  # its buffered rows cannot be flushed (a full disk): the record predates them
+        except OSError:  # rows it cannot flush (a full disk): the progress record predates them
           pass
 
   def abort(self):
@@ -262,34 +279,72 @@ def _read_json(path):
     return None
 
 
+# What a cache folder holds: anything else there is not the cache's to delete on --overwrite.
+CACHE_FILES = ('images.npy', 'embeddings.npy', MANIFEST, 'inception_batchnorm.pth')
+# The manifest's fields that readers rely on, and their types.
+_MANIFEST_FIELDS = {'num_images': int, 'image_size': int, 'embedding_dim': int, 'files': list}
+
+
+class DamagedCache(UserError):
+  """A cache folder whose manifest or arrays cannot be used as they are."""
+
+
 def read_manifest(cache_dir):
+  """The manifest of the cache at `cache_dir`, or None if it has none; DamagedCache if it is not
+  a manifest colorflax wrote (not JSON, fields missing: e.g. edited by hand)."""
   path = os.path.join(os.path.expanduser(cache_dir), MANIFEST)
   try:
     with open(path) as f:
-      return json.load(f)
+      manifest = json.load(f)
   except FileNotFoundError:
     return None
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(
-        f'{path} is unreadable ({e}); delete {cache_dir} and run precompute_features again'
-    ) from None
+  except (OSError, ValueError) as e:
+    raise DamagedCache(f'{path} is unreadable ({e})') from None
+  if not isinstance(manifest, dict):
+    raise DamagedCache(f'{path} is not a cache manifest (a JSON {type(manifest).__name__})')
+  for field, kind in _MANIFEST_FIELDS.items():
+    if not isinstance(manifest.get(field), kind):
+      raise DamagedCache(f'{path} has no valid {field!r} (a cache manifest written by hand?)')
+  return manifest
+
+
+def foreign_files(cache_dir):
+  """The files and folders in `cache_dir` that are not a cache's own (sorted)."""
+  return sorted(set(os.listdir(cache_dir)) - set(CACHE_FILES))
+
+
+def lock(cache_dir):
+  """The lock of a cache being built (or merged): one command at a time (colorflax.locks). A
+  file beside the cache, as the cache's own folder is replaced whole when it is done."""
+  from colorflax import locks
+
+  final = os.path.abspath(os.path.expanduser(cache_dir)).rstrip('/')
+  files.create_folder(os.path.dirname(final), 'config.data.cache_dir')
+  return locks.exclusive(
+      final + '.lock',
+      f'the features cache {final}',
+      'wait for the other precompute_features to finish, or stop it',
+  )
 
 
 def open_cache(
-    cache_dir, precompute_hint='python -m colorflax.precompute_features --config CONFIG'
+    cache_dir,
+    precompute_hint='python -m colorflax.precompute_features --config CONFIG',
+    rebuild=None,
 ) -> Cache:
-  """Memory-maps a finished cache and checks that its parts agree with each other."""
+  """Memory-maps a finished cache and checks that its parts agree with each other. `rebuild`:
+  what a damaged cache's message advises (default: the precompute command with --overwrite)."""
+  rebuild = rebuild or f'rebuild it: {precompute_hint} --overwrite'
   cache_dir = os.path.expanduser(cache_dir)
   if os.path.isfile(cache_dir):
     raise UserError(f'data.cache_dir: {cache_dir} is a file, not a cache directory')
-  manifest = read_manifest(cache_dir)
+  try:
+    manifest = read_manifest(cache_dir)
+  except DamagedCache as e:
+    raise DamagedCache(f'{e}; {rebuild}') from None
   if manifest is None:
     if os.path.isdir(parts_root(cache_dir)):
-      done = sorted(
-          p
-          for p in os.listdir(parts_root(cache_dir))
-          if not p.endswith('.incomplete') and read_manifest(os.path.join(parts_root(cache_dir), p))
-      )
+      done = [p for p in part_dirs(cache_dir) if finished(p)]
       raise UserError(
           f'{cache_dir} is a sharded cache that has not been merged '
           f'({len(done)} finished part(s) in '
@@ -305,16 +360,14 @@ def open_cache(
   if manifest.get('format_version') != FORMAT_VERSION:
     raise UserError(
         f'{cache_dir} has cache format {manifest.get("format_version")}, '
-        f'expected {FORMAT_VERSION}; '
-        f'rebuild it: {precompute_hint} --overwrite'
+        f'expected {FORMAT_VERSION}; {rebuild}'
     )
-  try:
+  try:  # a truncated array is refused here: its memory map would be longer than the file
     images = np.load(os.path.join(cache_dir, 'images.npy'), mmap_mode='r')
     embeddings = np.load(os.path.join(cache_dir, 'embeddings.npy'), mmap_mode='r')
   except (OSError, ValueError) as e:
-    raise UserError(
-        f'{cache_dir} is damaged ({e}); rebuild it: {precompute_hint} --overwrite'
-    ) from None
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+    raise DamagedCache(f'{cache_dir} is damaged ({reason}); {rebuild}') from None
   n, s, d = manifest['num_images'], manifest['image_size'], manifest['embedding_dim']
   problems = []
   if images.shape != (n, s, s, 3) or images.dtype != np.uint8:
@@ -328,9 +381,7 @@ def open_cache(
   if len(manifest.get('files', [])) != n:
     problems.append(f'manifest lists {len(manifest.get("files", []))} files for {n} rows')
   if problems:
-    raise UserError(
-        f'{cache_dir} is inconsistent: {problems[0]}; rebuild it: {precompute_hint} --overwrite'
-    )
+    raise DamagedCache(f'{cache_dir} is inconsistent: {problems[0]}; {rebuild}')
   return Cache(cache_dir, manifest, images, embeddings)
 
 
@@ -346,10 +397,11 @@ def check_matches_config(
   want_dim = EMBEDDING_DIMS[config.features.kind]
   if cache.image_size != config.data.image_size:
     if size_is_a_choice:
+      # config.data.image_size: the run's, or the size asked for on the command line.
       raise UserError(
-          f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, the run was '
-          f'trained at {config.data.image_size}px; to evaluate at {cache.image_size}px add '
-          f'--config.data.image_size={cache.image_size} (the model runs at any multiple of 8)'
+          f'the cache at {config.data.cache_dir} holds {cache.image_size}px images, not '
+          f'{config.data.image_size}px (data.image_size); to evaluate at {cache.image_size}px '
+          f'add --config.data.image_size={cache.image_size} (the model runs at any multiple of 8)'
       )
     raise UserError(
         f'the cache at {config.data.cache_dir} holds {cache.image_size}px images but '

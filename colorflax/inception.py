@@ -4,6 +4,7 @@ Input convention (SPEC §2, fixing the prototype's bugs): the luminance grayscal
 image, stacked x3, resized to 299, ImageNet-normalised, eval mode, no augmentation.
 """
 
+import io
 import os
 import sys
 
@@ -122,6 +123,8 @@ def calibrate(model, batches):
   model.train()
   dev = next(model.parameters()).device
   for x in batches:
+    if len(x) == 1:  # train-mode BatchNorm needs 2 values per channel (the aux head's maps are 1x1)
+      x = torch.cat([x, x])
     model(x.to(dev, memory_format=torch.channels_last))
   for bn in bns:
     bn.momentum = 0.1
@@ -135,7 +138,10 @@ def save_batchnorm_stats(model, path):
       for k, v in model.state_dict().items()
       if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
   }
-  torch.save(stats, path)
+  buffer = io.BytesIO()  # torch.save's own failed writes are RuntimeErrors; a file's are OSErrors
+  torch.save(stats, buffer)
+  with open(path, 'wb') as f:
+    f.write(buffer.getvalue())
 
 
 def load_for_cache(manifest, cache_dir, override=None):

@@ -41,21 +41,32 @@ def requested_settings(config, source) -> dict:
 
 
 def _check_existing(cache_dir, fp, settings, overwrite):
-  """True if a complete cache with the same fingerprint can be reused as it is."""
+  """True if a complete cache with the same fingerprint can be reused as it is; False if one is
+  to be built there. A folder with anything in it but a cache's own files is never replaced."""
   if os.path.isfile(cache_dir):
     raise UserError(f'data.cache_dir: {cache_dir} is a file, not a directory')
-  if not os.path.isdir(cache_dir):
+  if not os.path.isdir(cache_dir) or not os.listdir(cache_dir):
     return False
-  manifest = features_cache.read_manifest(cache_dir)
-  if manifest is None:
-    if os.listdir(cache_dir):
-      raise UserError(
-          f'data.cache_dir: {cache_dir} exists and is not a colorflax cache; refusing to replace it'
-      )
-    return False
+  try:
+    manifest, damaged = features_cache.read_manifest(cache_dir), None
+  except features_cache.DamagedCache as e:
+    manifest, damaged = None, str(e)
+  foreign = features_cache.foreign_files(cache_dir)
+  if manifest is None and not damaged:
+    raise UserError(
+        f'data.cache_dir: {cache_dir} exists and is not a colorflax cache; refusing to replace it'
+    )
+  if (overwrite or damaged) and foreign:
+    raise UserError(
+        f"data.cache_dir: {cache_dir} holds files that are not the cache's "
+        f'({", ".join(foreign[:3])}); refusing to replace it: set data.cache_dir elsewhere'
+    )
   if overwrite:
     return False
-  if manifest.get('fingerprint') == fp:
+  if damaged:
+    raise UserError(f'{damaged}; pass --overwrite to rebuild it')
+  if manifest.get('fingerprint') == fp:  # the same settings: reused if its arrays are whole
+    features_cache.open_cache(cache_dir, rebuild='pass --overwrite to rebuild it')
     return True
   old = manifest.get('settings', {})
   diff = [k for k in settings if old.get(k) != settings[k]]
@@ -272,10 +283,16 @@ def _report(config, out_dir, build, skipped, elapsed):
 
 def precompute(config, overwrite=False, progress=True):
   """Builds (or reuses) the cache that `config` describes — or, with features.num_shards > 1,
-  its part features.shard_index — and returns the directory written."""
+  its part features.shard_index — and returns the directory written. One build at a time."""
   cache_dir = os.path.abspath(os.path.expanduser(config.data.cache_dir))
   shard, shards = config.features.shard_index, config.features.num_shards
   out_dir = cache_dir if shards == 1 else features_cache.part_dir(cache_dir, shard, shards)
+  with features_cache.lock(out_dir):
+    return _build(config, out_dir, overwrite, progress)
+
+
+def _build(config, out_dir, overwrite, progress):
+  shard, shards = config.features.shard_index, config.features.num_shards
   source = sources.from_config(config)
   settings = requested_settings(config, source)
   fp = features_cache.fingerprint(settings)
@@ -302,6 +319,7 @@ def precompute(config, overwrite=False, progress=True):
   if shards > 1:
     manifest['shard'] = {'index': shard, 'count': shards, 'rows': [begin, end]}
   writer.finish(manifest)
+  signals.work_done()  # the cache is complete
   _report(config, out_dir, build, skipped, time.time() - start)
   return out_dir
 
@@ -316,10 +334,15 @@ def skip_summary(skipped) -> str:
 def merge(config):
   """Joins the finished parts of a sharded precompute into one cache (streamed), then removes
   them."""
+  with features_cache.lock(config.data.cache_dir):
+    return _merge(config)
+
+
+def _merge(config):
   cache_dir = os.path.abspath(os.path.expanduser(config.data.cache_dir))
   shards = config.features.num_shards
   parts = [features_cache.part_dir(cache_dir, k, shards) for k in range(shards)]
-  missing = [k for k, p in enumerate(parts) if features_cache.read_manifest(p) is None]
+  missing = [k for k, p in enumerate(parts) if not features_cache.finished(p)]
   if missing:
     raise UserError(
         f'cannot merge: shard(s) {missing} of {shards} are not finished in '

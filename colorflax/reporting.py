@@ -9,6 +9,9 @@ import time
 
 import numpy as np
 
+from colorflax import files
+from colorflax.errors import UserError
+
 
 def sample_grid(predict, variables, images, embeddings):
   """grayscale | predicted | actual, one column per image: uint8 (3*S, n*S, 3), or None.
@@ -105,6 +108,15 @@ class _Progress:
     self.bar.close()
 
 
+def _step_of(line):
+  """The step of a metrics.jsonl line, or None for a line that is not a whole record."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record.get('step') if isinstance(record, dict) else None
+
+
 class Reporter:
 
   def __init__(self, workdir, enabled=True):
@@ -118,14 +130,14 @@ class Reporter:
     return _Progress(total, initial, enabled and self.enabled)
 
   def truncate_after(self, step):
-    """On resume: drop metric lines of epochs the restored checkpoint does not include."""
+    """On resume: drop metric lines of epochs the restored checkpoint does not include, and a
+    line cut off by a crash in the middle of writing it."""
     if not self.enabled or not os.path.exists(self.metrics_path):
       return
     with open(self.metrics_path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.metrics_path + '.tmp', 'w') as f:
+      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+    with files.atomic(self.metrics_path) as f:
       f.writelines(kept)
-    os.replace(self.metrics_path + '.tmp', self.metrics_path)
 
   def _writer(self):
     if self._tb is None:
@@ -133,10 +145,15 @@ class Reporter:
     return self._tb
 
   def epoch(self, metrics: dict):
+    """An epoch's line in metrics.jsonl, TensorBoard and the terminal (before its checkpoint is
+    saved: a line whose checkpoint never completed is dropped on resume, by truncate_after)."""
     if not self.enabled:
       return
-    with open(self.metrics_path, 'a') as f:
-      f.write(json.dumps(metrics) + '\n')
+    try:
+      with open(self.metrics_path, 'a') as f:
+        f.write(json.dumps(metrics) + '\n')
+    except OSError as e:
+      raise UserError(f'cannot write {self.metrics_path}: {files.why(e)}') from None
     tb = self._writer()
     for key, value in metrics.items():
       if key not in ('epoch', 'step'):
@@ -157,10 +174,9 @@ class Reporter:
     from PIL import Image
 
     folder = os.path.join(self.workdir, 'samples')
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f'epoch_{epoch:04d}.png')
-    Image.fromarray(np.asarray(grid)).save(path + '.tmp.png')
-    os.replace(path + '.tmp.png', path)
+    files.create_folder(folder, 'workdir')
+    with files.atomic(os.path.join(folder, f'epoch_{epoch:04d}.png'), 'wb') as f:
+      Image.fromarray(np.asarray(grid)).save(f, format='PNG')
 
   def close(self):
     if self._tb is not None:

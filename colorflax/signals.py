@@ -67,17 +67,39 @@ def signal_handlers(handlers):
       signal.signal(sig, handler)
 
 
+_work = {'done': False}
+
+
+def work_done():
+  """Says that the command's work is complete, its results written: from here a SIGTERM or SIGHUP
+  stops nothing (the command is ending anyway, and the signal would land wherever it is, even in
+  a finalizer). A second one acts as it would have without colorflax (by default it kills)."""
+  _work['done'] = True
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-  """Within: SIGTERM and SIGHUP raise `Stopped`. A second one acts as it would have without this
-  (by default it kills), for cleanup that hangs."""
+  """Within: SIGTERM and SIGHUP raise `Stopped`, until `work_done()`. A second one acts as it
+  would have without this (by default it kills), for cleanup that hangs. Once the work is done
+  the handlers stay past the end, so that a signal as the finished command exits is let go."""
+  _work['done'] = False
 
   def handle(signum, frame):
     signal.signal(signum, previous[signum])
-    raise Stopped(signum)
+    if not _work['done']:
+      raise Stopped(signum)
 
-  with signal_handlers({signal.SIGTERM: handle, signal.SIGHUP: handle}) as previous:
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+        previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL
+  try:
     yield
+  finally:
+    if not _work['done']:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def start_resource_tracker_without_sighup():

@@ -10,6 +10,7 @@ where it was: randomness is a function of (seed, step) and data order of (seed, 
 
 import dataclasses
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -74,9 +75,21 @@ def plan_run(config, cache) -> RunPlan:
   )
 
 
+def check_workdir_outside_cache(config, workdir):
+  """A workdir inside the features cache would be deleted with it (precompute's --overwrite)."""
+  cache = os.path.abspath(os.path.expanduser(config.data.cache_dir)).rstrip('/')
+  for folder in (cache, features_cache.incomplete_dir(cache), features_cache.parts_root(cache)):
+    if workdir == folder or workdir.startswith(folder + os.sep):
+      raise UserError(
+          f'--workdir {workdir} is inside the features cache {folder} (data.cache_dir), which '
+          'precompute_features --overwrite replaces whole: use a workdir outside it'
+      )
+
+
 def open_training_cache(config, workdir, hint):
   """The features cache `config` trains on, refused with one line if it does not hold what the
   config names, or if `workdir` cannot take this run."""
+  check_workdir_outside_cache(config, workdir)
   cache = features_cache.open_cache(config.data.cache_dir, hint)
   features_cache.check_matches_config(cache, config, hint)
   features_cache.check_built_for(cache, config, hint)
@@ -95,8 +108,10 @@ def dtype_note(config, platform):
 
 
 def restore_or_init(config, state, mngr, streaming, log):
-  """(state, stream state or None): this run's latest checkpoint; else, for a new run,
-  config.init_from's weights with a fresh optimizer at step 0; else `state` as initialised."""
+  """(state, stream state or None, the checkpoint's meta or None): this run's latest checkpoint,
+  with the learning rate config.learning_rate x the plateau's scale (a rate changed on resume
+  counts from its first step); else, for a new run, config.init_from's weights with a fresh
+  optimizer at step 0; else `state` as initialised."""
   if mngr.latest_step() is not None:
     wanted = None
     if streaming:
@@ -106,12 +121,18 @@ def restore_or_init(config, state, mngr, streaming, log):
     state, meta, stream_state = checkpoints.restore_train(mngr, state, data=wanted)
     workdir = os.path.dirname(str(mngr.directory))
     log(f'resumed from step {int(state.step)} (epoch {meta["epoch"]}) in {workdir}')
-    return state, stream_state
+    before = float(state.opt_state.hyperparams['learning_rate'])
+    set_rate = lambda state: train_step.set_learning_rate(state, config.learning_rate)
+    state = jax.jit(set_rate, donate_argnums=0)(state)
+    after = float(state.opt_state.hyperparams['learning_rate'])
+    if after != before:
+      log(f'learning rate {before:.3g} -> {after:.3g} (config.learning_rate x the plateau scale)')
+    return state, stream_state, meta
   if config.get('init_from'):
     variables, step = checkpoints.restore_init_from(config, state.variables())
     log(f'starting from the weights of {config.init_from} (checkpoint step {step})')
-    return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), None
-  return state, None
+    state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  return state, None, None
 
 
 def make_feeder(config, cache, plan, start_step, stream_state):
@@ -176,11 +197,14 @@ class Epochs:
     stop.step = step
     return stop
 
-  def train(self, state, epoch, first):
-    """Steps `first`.. of `epoch` (first > 0 only when resuming mid-epoch): (state, losses)."""
+  def train(self, state, epoch, first, losses):
+    """Steps `first`.. of `epoch` (first > 0 only when resuming mid-epoch): (state, losses), the
+    epoch's running loss sum and its number of steps, continuing `losses` (those of the steps
+    before `first`, which a mid-epoch checkpoint keeps, so that a resumed epoch's train_loss is
+    the uninterrupted one's)."""
     spe, every = self.plan.steps_per_epoch, self.config.checkpoint_every_steps
     sizes = device_pipeline.dispatch_sizes(first, spe, self.config.steps_per_dispatch)
-    losses, pending, step = [], None, epoch * spe + first
+    pending, step = None, epoch * spe + first
     for n, (tables, xs) in zip(sizes, self.feeder.train_dispatches(step, sizes)):
       state, chunk_losses = self.train_chunk(state, tables, xs)
       if pending is not None:  # read the previous dispatch while this one runs
@@ -192,7 +216,8 @@ class Epochs:
       if stopping or (every and step // every > (step - n) // every and mid_epoch):
         self._check_finite(pending, losses)
         pending = None
-        self.save(state, step, {'epoch': epoch, 'epoch_complete': False})
+        meta = {'epoch': epoch, 'epoch_complete': False, 'epoch_losses': losses}
+        self.save(state, step, meta)
       if stopping:
         raise self.stopped(step, epoch)
     if pending is not None:
@@ -200,6 +225,7 @@ class Epochs:
     return state, losses
 
   def _check_finite(self, pending, losses):
+    """Reads a dispatch's losses into `losses` ([sum, steps]); a NaN or infinity stops the run."""
     first_step, chunk_losses = pending
     values = np.asarray(jax.device_get(chunk_losses))
     bad = np.flatnonzero(~np.isfinite(values))
@@ -207,7 +233,9 @@ class Epochs:
       raise TrainingDiverged(
           f'loss became {values[bad[0]]} at step {first_step + int(bad[0]) + 1}; stopping'
       )
-    losses.extend(values.tolist())
+    for value in values.tolist():  # in step order, so that a resumed sum is the same float
+      losses[0] += value
+    losses[1] += len(values)
     self.bar.update(len(values), loss=float(values[-1]), images=len(values) * self.plan.batch)
 
   def validate(self, state):
@@ -233,16 +261,16 @@ class Epochs:
         'epoch': epoch + 1,
         'step': step,
         'lr': float(state.opt_state.hyperparams['learning_rate']),
-        'train_loss': float(np.mean(losses)) if losses else float('nan'),
+        'train_loss': losses[0] / losses[1] if losses[1] else float('nan'),
         'val_loss': val['loss'],
         'val_psnr': val['psnr'],
         'val_psnr_gray': val['psnr_gray'],
         'images_per_sec': epoch_steps * self.plan.batch / max(train_seconds, 1e-9),
         'elapsed_sec': time.time() - self.start,
     }
+    self.report.epoch(last)
     meta = {'epoch': epoch + 1, 'epoch_complete': True, 'metrics': last}
     self.save(state, step, meta, metrics={'val_loss': val['loss']})
-    self.report.epoch(last)
     every, num_epochs = self.config.samples_every_epochs, self.config.num_epochs
     if every and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs):
       rows = self.plan.val_rows[: self.config.num_samples]
@@ -255,8 +283,9 @@ class Epochs:
       self.report.samples(epoch + 1, grid)
     return state, last
 
-  def run(self, state, start_step, progress):
-    """Every epoch from `start_step` to the end: (state, the last epoch's metrics)."""
+  def run(self, state, start_step, progress, resumed_losses=None):
+    """Every epoch from `start_step` to the end: (state, the last epoch's metrics).
+    `resumed_losses`: [loss sum, steps] of the epoch's steps before a mid-epoch `start_step`."""
     spe, last = self.plan.steps_per_epoch, None
     self.bar = self.report.progress(
         total=self.plan.total_steps, initial=start_step, enabled=progress
@@ -264,40 +293,50 @@ class Epochs:
     for epoch in range(start_step // spe, self.config.num_epochs):
       epoch_start = time.time()
       first = max(start_step - epoch * spe, 0)
-      state, losses = self.train(state, epoch, first)
+      losses = list(resumed_losses) if first and resumed_losses else [0.0, 0]
+      state, losses = self.train(state, epoch, first, losses)
       state, last = self.finish(state, epoch, losses, spe - first, time.time() - epoch_start)
       if epoch + 1 < self.config.num_epochs and self.stop.requested():
         raise self.stopped((epoch + 1) * spe, epoch + 1)
     return state, last
 
   def close(self):
-    """Also when training stops with an error: the signals get their handlers back, the bar ends
-    its line, the stream's workers stop, and a checkpoint still being written is completed (or
-    its failure named in one line)."""
-    self.stop.close()
-    if self.bar is not None:
-      self.bar.close()
-    self.feeder.close()
-    checkpoints.wait(self.mngr)
-    self.mngr.close()
-    self.report.close()
+    """Also when training stops with an error: the bar ends its line, the stream's workers stop,
+    a checkpoint still being written is completed (or its failure named in one line), and then
+    the signals get their handlers back: a signal in the meantime, one as the last checkpoint
+    is written above all, is a stop request, not an end that would cut that checkpoint off."""
+    try:
+      if self.bar is not None:
+        self.bar.close()
+      self.feeder.close()
+      checkpoints.wait(self.mngr)
+    finally:
+      self.mngr.close()
+      self.report.close()
+      self.stop.close()
 
 
 def train_and_evaluate(config, workdir, progress=True, precompute_hint=PRECOMPUTE_HINT):
   """Trains (or resumes) in `workdir`; returns the final TrainState and the last epoch's metrics
-  (None if there was nothing left to train)."""
+  (None if there was nothing left to train). One training at a time in a workdir."""
   distributed.initialize(config)
-  log = print if jax.process_index() == 0 else (lambda *args: None)  # one process speaks for all
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cache = open_training_cache(config, workdir, precompute_hint)
   plan = plan_run(config, cache)
+  with checkpoints.workdir_lock(workdir):
+    return _train(config, workdir, cache, plan, progress)
+
+
+def _train(config, workdir, cache, plan, progress):
+  log = print if jax.process_index() == 0 else (lambda *args: None)  # one process speaks for all
   if note := dtype_note(config, plan.devices[0].platform):
     log(note)
   model = model_lib.model_from_config(config)
   tx, plateau = train_step.make_optimizer(config)
   state = train_step.create_state(config, model, tx, plateau, distributed.replicated(plan.mesh))
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  state, stream_state = restore_or_init(config, state, mngr, plan.placement == 'streaming', log)
+  streaming = plan.placement == 'streaming'
+  state, stream_state, meta = restore_or_init(config, state, mngr, streaming, log)
   start_step = int(state.step)
   if start_step >= plan.total_steps:  # the same command run twice: nothing to load or compile
     mngr.close()
@@ -318,24 +357,20 @@ def train_and_evaluate(config, workdir, progress=True, precompute_hint=PRECOMPUT
       f'steps {start_step}->{plan.total_steps}'
   )
   try:
-    state, last = epochs.run(state, start_step, progress)
+    state, last = epochs.run(state, start_step, progress, (meta or {}).get('epoch_losses'))
   except TrainingDiverged as e:
     checkpoints.wait(mngr)  # the last epoch's checkpoint may still be being written
     kept = mngr.latest_step()
-    kept = (
-        f'The last good checkpoint (step {kept}) is kept'
-        if kept is not None
-        else 'No checkpoint had been written'
-    )
-    raise TrainingDiverged(f'{e}. {kept}') from None
+    kept = f'The last good checkpoint (step {kept}) is kept' if kept is not None else None
+    raise TrainingDiverged(f'{e}. {kept or "No checkpoint had been written"}') from None
   finally:
     epochs.close()
-  if last is not None:
-    log(
-        f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR '
-        f'{last["val_psnr"]:.2f} dB (grayscale baseline {last["val_psnr_gray"]:.2f} dB), '
-        f'{time.time() - epochs.start:.0f}s'
-    )
+  signals.work_done()  # every checkpoint is written
+  log(
+      f'done: epoch {last["epoch"]}, val_loss {last["val_loss"]:.5f}, val PSNR '
+      f'{last["val_psnr"]:.2f} dB (grayscale baseline {last["val_psnr_gray"]:.2f} dB), '
+      f'{time.time() - epochs.start:.0f}s'
+  )
   return state, last
 
 
@@ -347,7 +382,8 @@ def precompute_command(argv):
       args.append(a)
       if a == '--config' and i + 1 < len(argv):
         args.append(argv[i + 1])
-  return ' '.join(['python -m colorflax.precompute_features'] + (args or ['--config CONFIG']))
+  args = [shlex.quote(a) for a in args] or ['--config CONFIG']
+  return ' '.join(['python -m colorflax.precompute_features'] + args)
 
 
 def define_flags(flags):
