@@ -98,6 +98,8 @@ def test_not_a_torch_file(tmp_path):
     convert.load_torch_checkpoint(path)
   with pytest.raises(UserError, match='no such checkpoint file'):
     convert.load_torch_checkpoint(tmp_path / 'missing.pth')
+  with pytest.raises(UserError, match='is a folder; give the PyTorch checkpoint file'):
+    convert.load_torch_checkpoint(tmp_path)
 
 
 def test_convert_cli_writes_a_restorable_orbax_checkpoint(seed_pth, tmp_path):

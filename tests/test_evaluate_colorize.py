@@ -249,7 +249,7 @@ def test_evaluate_at_another_image_size(trained, tmp_path):
   on_other_cache = small_config(tmp_path / 'cache48', num_epochs=3)  # the run's settings (32 px)
   with pytest.raises(
       UserError,
-      match='holds 48px images, the run was trained at 32px; to evaluate at 48px add '
+      match=r'holds 48px images, not 32px \(data.image_size\); to evaluate at 48px add '
       '--config.data.image_size=48',
   ):
     evaluate.evaluate(str(root / 'run'), on_other_cache, 'best', 'val')
@@ -420,6 +420,14 @@ def test_colorize_stopped_mid_write_keeps_whole_outputs_and_says_how_to_finish(
       'in/odd_landscape.png',
   ]
   _assert_colorized(inputs, out / 'in')
+
+
+def test_an_input_that_is_not_a_regular_file_is_named_so(tmp_path):
+  os.mkfifo(tmp_path / 'pipe.png')
+  items = colorize.expand_inputs([str(tmp_path / 'pipe.png'), '/dev/urandom'])
+  assert [why for _, _, why in items] == [
+      'not a regular file (a pipe, a device?): give an image file'
+  ] * 2
 
 
 def test_no_two_inputs_get_the_same_output_name(tmp_path):

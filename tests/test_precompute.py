@@ -304,6 +304,61 @@ def test_reuse_and_mismatch(weights_pth, tmp_path):
   assert features_cache.open_cache(tmp_path / 'c').image_size == 16
 
 
+def test_a_damaged_cache_is_not_reused_and_only_a_caches_own_files_are_replaced(
+    weights_pth, tmp_path
+):
+  config = _config(
+      'synthetic',
+      tmp_path / 'c',
+      **{'features.inception_weights': weights_pth, 'data.synthetic_images': 4},
+  )
+  precompute_features.precompute(config, progress=False)
+  whole = (tmp_path / 'c' / 'images.npy').read_bytes()
+  (tmp_path / 'c' / 'images.npy').write_bytes(whole[:1000])  # cut off (a full disk, a bad copy)
+  with pytest.raises(UserError, match=r'c is damaged \(.+\); pass --overwrite to rebuild it$'):
+    precompute_features.precompute(config, progress=False)  # not "reusing" it
+  (tmp_path / 'c' / 'images.npy').unlink()
+  with pytest.raises(UserError, match=r'is damaged \(No such file or directory\)'):
+    precompute_features.precompute(config, progress=False)
+  for manifest, problem in (
+      ('[1, 2]', 'is not a cache manifest'),
+      ('{"format_version": 1}', "has no valid 'num_images'"),
+      ('{"num_ima', 'is unreadable'),
+  ):
+    (tmp_path / 'c' / 'manifest.json').write_text(manifest)  # edited by hand, cut off
+    with pytest.raises(UserError, match=problem):
+      features_cache.open_cache(tmp_path / 'c')
+    with pytest.raises(UserError, match=problem + '.*pass --overwrite to rebuild it'):
+      precompute_features.precompute(config, progress=False)
+  precompute_features.precompute(config, overwrite=True, progress=False)  # a damaged one too
+  assert (tmp_path / 'c' / 'images.npy').read_bytes() == whole
+  # A folder holding anything else (a training run, by mistake) is never replaced.
+  (tmp_path / 'c' / 'checkpoints').mkdir()
+  with pytest.raises(UserError, match=r"holds files that are not the cache's \(checkpoints\)"):
+    precompute_features.precompute(config, overwrite=True, progress=False)
+  assert (tmp_path / 'c' / 'checkpoints').is_dir()
+
+
+def test_calibration_never_meets_a_batch_of_one_image(tmp_path):
+  # 5 usable images in batches of 4 (fewer than features.calibration_images): the last
+  # calibration batch holds one image, which train-mode BatchNorm refused (the aux head is 1x1).
+  config = _config(
+      'synthetic',
+      tmp_path / 'c',
+      **{'data.synthetic_images': 5, 'features.calibration_images': 256},
+  )
+  precompute_features.precompute(config, progress=False)
+  assert features_cache.open_cache(tmp_path / 'c').num_images == 5
+
+
+def test_a_cache_folder_that_cannot_be_written_says_so(tmp_path, small_disk):
+  with small_disk(tmp_path / 'ro', 64) as folder:
+    subprocess.run(['mount', '-o', 'remount,ro', str(folder)], check=True)
+    with pytest.raises(UserError, match='cannot be written') as info:
+      precompute_features.precompute(_config('synthetic', folder / 'c'), progress=False)
+  assert 'free some space' not in str(info.value)
+
+
 def test_a_full_disk_is_one_line_deletes_the_partial_cache_and_keeps_the_old_one(
     weights_pth, tmp_path, small_disk
 ):

@@ -220,6 +220,81 @@ def test_resume_mid_epoch_equals_uninterrupted(cache_dir, tmp_path, monkeypatch,
   assert checkpoints.manager(tmp_path / 'b', read_only=True).latest_step() == 6
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'b'), progress=False)
   _assert_same_params(full, resumed)
+  # metrics.jsonl too: epoch 2's train_loss counts its steps before the crash (the checkpoint
+  # kept their losses), as the uninterrupted run's does.
+  lines = [
+      [json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()]
+      for d in 'ab'
+  ]
+  assert [l['train_loss'] for l in lines[0]] == [l['train_loss'] for l in lines[1]]
+
+
+def test_a_signal_as_the_last_checkpoint_is_written_lets_it_complete(
+    cache_dir, tmp_path, monkeypatch
+):
+  # SIGTERM lands while training waits for its last checkpoint (the third wait: before the
+  # saves of steps 4 and 8, then at the end). It used to be raised inside that wait, which cut
+  # the checkpoint off: the rerun trained the whole last epoch again.
+  real_wait, calls = checkpoints.wait, []
+
+  def wait(mngr):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    real_wait(mngr)
+
+  monkeypatch.setattr(checkpoints, 'wait', wait)
+  with signals.stop_on_signals():  # what every command runs in: SIGTERM raises, as Ctrl-C
+    state, last = train.train_and_evaluate(
+        small_config(cache_dir), str(tmp_path / 'run'), progress=False
+    )
+  assert len(calls) >= 3 and last['step'] == int(state.step) == 8
+  assert checkpoints.manager(tmp_path / 'run', read_only=True).latest_step() == 8
+
+
+def test_a_learning_rate_changed_on_resume_counts_from_the_first_resumed_step(cache_dir, tmp_path):
+  base = small_config(cache_dir, num_epochs=1)
+  train.train_and_evaluate(base, str(tmp_path / 'same'), progress=False)
+  train.train_and_evaluate(
+      small_config(cache_dir, num_epochs=2), str(tmp_path / 'same'), progress=False
+  )
+  train.train_and_evaluate(base, str(tmp_path / 'changed'), progress=False)
+  faster = small_config(cache_dir, num_epochs=2, learning_rate=1e-2)
+  state, last = train.train_and_evaluate(faster, str(tmp_path / 'changed'), progress=False)
+  assert float(state.opt_state.hyperparams['learning_rate']) == pytest.approx(1e-2)
+  assert last['lr'] == pytest.approx(1e-2)
+  same, changed = (
+      json.loads((tmp_path / d / 'metrics.jsonl').read_text().splitlines()[1])
+      for d in ('same', 'changed')
+  )
+  assert changed['train_loss'] != same['train_loss']  # epoch 2 trained at the new rate
+
+
+def test_a_metrics_line_cut_off_by_a_crash_is_dropped_on_resume(cache_dir, tmp_path):
+  work = tmp_path / 'run'
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=1), str(work), progress=False)
+  with open(work / 'metrics.jsonl', 'a') as f:
+    f.write('{"epoch": 2, "step": 8, "train_lo')  # what a crash in the middle of a write leaves
+  train.train_and_evaluate(small_config(cache_dir, num_epochs=2), str(work), progress=False)
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['epoch'] for l in lines] == [1, 2] and 'train_loss' in lines[1]
+
+
+def test_a_workdir_inside_the_features_cache_is_refused(cache_dir, tmp_path):
+  for inside in (cache_dir, cache_dir / 'run'):
+    with pytest.raises(
+        UserError, match='is inside the features cache .*: use a workdir outside it'
+    ):
+      train.train_and_evaluate(small_config(cache_dir), str(inside), progress=False)
+  assert not (cache_dir / 'run').exists()
+
+
+def test_suggested_commands_quote_paths_with_spaces():
+  hint = train.precompute_command(['--config', 'my configs/x.py', '--config.data.cache_dir=/a b'])
+  assert hint == (
+      "python -m colorflax.precompute_features --config 'my configs/x.py' "
+      "'--config.data.cache_dir=/a b'"
+  )
 
 
 # The small_config run on the command line (its cache built by the cache_dir fixture).
@@ -324,6 +399,7 @@ def test_sigterm_to_the_train_command_exits_143_with_one_line(cache_dir, tmp_pat
   )
   assert stopped, err[-3000:]
   assert checkpoints.manager(work, read_only=True).latest_step() == int(stopped.group(1)) < 50 * 4
+  assert 'did not provide metrics' not in err  # orbax's warning on every mid-epoch checkpoint
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGHUP], ids=['SIGINT', 'SIGHUP'])
@@ -705,7 +781,7 @@ def _init_from(config, fresh):
   real = checkpoints.restore_init_from
   checkpoints.restore_init_from = lambda *a: starts.append(real(*a)) or starts[-1]
   try:
-    state, _ = train.restore_or_init(config, fresh, mngr, False, lambda *a: None)
+    state, _, _ = train.restore_or_init(config, fresh, mngr, False, lambda *a: None)
   finally:
     checkpoints.restore_init_from = real
     mngr.close()
