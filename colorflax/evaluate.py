@@ -33,22 +33,26 @@ def per_image_metrics(model):
   return jax.jit(fn)
 
 
+# What evaluate reports per image (losses.image_metrics, full), model and grayscale baseline.
+METRICS = (
+    'mse',
+    'mse_gray',
+    'psnr',
+    'psnr_gray',
+    'ssim',
+    'ssim_gray',
+    'auc',
+    'auc_gray',
+    'colorfulness',
+    'colorfulness_gray',
+    'colorfulness_true',
+)
+
+
 def summarize(per_image: dict) -> dict:
   m = {k: np.asarray(v, np.float64) for k, v in per_image.items()}
   out = {'num_images': int(len(m['mse']))}
-  for key in (
-      'mse',
-      'mse_gray',
-      'psnr',
-      'psnr_gray',
-      'ssim',
-      'ssim_gray',
-      'auc',
-      'auc_gray',
-      'colorfulness',
-      'colorfulness_gray',
-      'colorfulness_true',
-  ):
+  for key in METRICS:
     out[key] = float(m[key].mean())
   out['psnr_std'] = float(m['psnr'].std())
   out['psnr_gray_std'] = float(m['psnr_gray'].std())
@@ -114,27 +118,12 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   return summary, grid, per_image
 
 
-PER_IMAGE_COLUMNS = (
-    'mse',
-    'mse_gray',
-    'psnr',
-    'psnr_gray',
-    'ssim',
-    'ssim_gray',
-    'auc',
-    'auc_gray',
-    'colorfulness',
-    'colorfulness_gray',
-    'colorfulness_true',
-)
-
-
 def write_per_image_csv(f, per_image, names):
   """One line per image: its cache row, its source file (the manifest's id), and its metrics."""
   out = csv.writer(f)
-  out.writerow(('row', 'file') + PER_IMAGE_COLUMNS)
+  out.writerow(('row', 'file') + METRICS)
   for i, row in enumerate(per_image['row']):
-    values = [f'{float(per_image[k][i]):.6g}' for k in PER_IMAGE_COLUMNS]
+    values = [f'{float(per_image[k][i]):.6g}' for k in METRICS]
     out.writerow([int(row), names[row]] + values)
 
 

@@ -101,11 +101,11 @@ def jax_matmul_peak(dtype_name, repeats):
 
 def random_cache(cache_dir, config, num_images):
   """A features cache of random images and embeddings at `config`'s sizes (no Inception needed)."""
-  from colorflax import features_cache
+  from colorflax import cache_writer
   from colorflax.model import EMBEDDING_DIMS
 
   s, d = config.data.image_size, EMBEDDING_DIMS[config.features.kind]
-  writer = features_cache.CacheWriter(cache_dir, s, d)
+  writer = cache_writer.CacheWriter(cache_dir, s, d)
   rng = np.random.default_rng(0)
   for start in range(0, num_images, 256):
     n = min(256, num_images - start)

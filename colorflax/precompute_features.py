@@ -4,7 +4,7 @@ computed once in torch and cached beside the resized image, so training never ru
 Decoding and resizing run in worker processes; the main process batches the results through
 Inception (CUDA when present, else every CPU core) and streams rows into the cache. A build
 that was stopped (Ctrl-C, SIGTERM, kill -9) is continued by the same command from its last
-progress record (features_cache.CacheWriter); stopped by Ctrl-C, SIGTERM or SIGHUP, it says how
+progress record (cache_writer.CacheWriter); stopped by Ctrl-C, SIGTERM or SIGHUP, it says how
 many images it keeps.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from absl import flags as absl_flags
 
-from colorflax import cli, decoding, features_cache, reporting, signals, sources
+from colorflax import cache_writer, cli, decoding, features_cache, reporting, signals, sources
 from colorflax.errors import UserError
 from colorflax.model import EMBEDDING_DIMS
 
@@ -305,7 +305,7 @@ def _build(config, out_dir, overwrite, progress):
   # Everything the rows depend on: an interrupted build with the same key is continued.
   resume_key = {'fingerprint': fp, 'rows': [begin, end], 'inception_weights': weights_used}
   dim = EMBEDDING_DIMS[config.features.kind]
-  writer = features_cache.CacheWriter(
+  writer = cache_writer.CacheWriter(
       out_dir, config.data.image_size, dim, expected_rows=end - begin, resume_key=resume_key
   )
   build = _Build(config, source, model, weights_used, writer, begin, end)
@@ -356,7 +356,7 @@ def _merge(config):
         'different settings'
     )
   first = opened[0].manifest
-  writer = features_cache.CacheWriter(
+  writer = cache_writer.CacheWriter(
       cache_dir,
       first['image_size'],
       first['embedding_dim'],

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from colorflax import features_cache, inception, precompute_features, signals, sources, synthetic
+from colorflax import cache_writer, features_cache, inception, precompute_features, signals
+from colorflax import sources, synthetic
 from colorflax.errors import UserError
 from configs import quickstart
 
@@ -469,7 +470,12 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   assert features_cache.open_cache(cache).num_images == 8 and not os.path.exists(partial)
 
 
-def _start_a_400_image_build(cache):
+# Images in the builds these tests stop part way: enough for a few progress records (one every
+# 2 s, at about 14 images/s on 2 cores), few enough that finishing them is quick.
+BUILD = 160
+
+
+def _start_a_build(cache):
   """(command, process) of a precompute run in its own process group, once it has recorded rows."""
   cmd = [
       sys.executable,
@@ -478,7 +484,7 @@ def _start_a_400_image_build(cache):
       '--config',
       'configs/quickstart.py',
       f'--config.data.cache_dir={cache}',
-      '--config.data.synthetic_images=400',
+      f'--config.data.synthetic_images={BUILD}',
       '--config.data.image_size=32',
       '--config.features.batch_size=4',
       '--config.features.num_workers=2',
@@ -494,7 +500,7 @@ def _start_a_400_image_build(cache):
   )
   progress = os.path.join(features_cache.incomplete_dir(cache), features_cache.PROGRESS)
   deadline = time.time() + 120
-  while time.time() < deadline and not (features_cache._read_json(progress) or {}).get('rows'):
+  while time.time() < deadline and not (cache_writer.read_progress(progress) or {}).get('rows'):
     time.sleep(0.1)  # rows have been recorded
   return cmd, proc
 
@@ -514,24 +520,25 @@ def test_a_stopped_build_keeps_the_images_done_and_the_same_command_continues(
   # Ctrl-C, a closed terminal's SIGHUP and SLURM's SIGTERM reach the whole process group, the
   # decode workers too: only the main process speaks, and it says what it keeps.
   cache = tmp_path / 'cache'
-  cmd, proc = _start_a_400_image_build(cache)
+  cmd, proc = _start_a_build(cache)
   os.killpg(proc.pid, sig)
   _, err = proc.communicate(timeout=120)
   last = err.strip().splitlines()[-1]
   stopped = re.fullmatch(
-      rf'precompute_features\.py: error: {stopped_by} after (\d+) of 400 images, which are kept: '
+      rf'precompute_features\.py: error: {stopped_by} after (\d+) of {BUILD} images, which are '
+      r'kept: '
       r'run the same command again to continue \(or delete .+\.incomplete to start over\)',
       last,
   )
   assert proc.returncode == 128 + sig and stopped, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-  assert 0 < int(stopped.group(1)) < 400 and not cache.exists()
+  assert 0 < int(stopped.group(1)) < BUILD and not cache.exists()
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f': {stopped.group(1)} of 400 images done' in r.stdout, r.stdout
+  assert f': {stopped.group(1)} of {BUILD} images done' in r.stdout, r.stdout
   cached = features_cache.open_cache(cache)
-  assert cached.manifest['files'] == [f'synthetic:{i}' for i in range(400)]
-  assert cached.num_images == 400 and not os.path.exists(features_cache.incomplete_dir(cache))
+  assert cached.manifest['files'] == [f'synthetic:{i}' for i in range(BUILD)]
+  assert cached.num_images == BUILD and not os.path.exists(features_cache.incomplete_dir(cache))
   assert sorted(os.listdir(cache)) == [
       'embeddings.npy',
       'images.npy',
@@ -546,7 +553,7 @@ def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
   # as Inception is the slower side, and the old code finished). Now the build stops at once
   # with one line, keeping its rows, and the same command continues.
   cache = tmp_path / 'cache'
-  cmd, proc = _start_a_400_image_build(cache)
+  cmd, proc = _start_a_build(cache)
   workers = []
   for pid in filter(str.isdigit, os.listdir('/proc')):
     try:
@@ -567,15 +574,16 @@ def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
       os.killpg(proc.pid, signal.SIGKILL)
   last = err.strip().splitlines()[-1]
   died = re.fullmatch(
-      r'precompute_features\.py: error: a decode worker process died after (\d+) of 400 images, '
-      r'which '
-      r'are kept: run the same command again to continue \(.+\)',
+      r'precompute_features\.py: error: a decode worker process died after (\d+) of '
+      rf'{BUILD} images, which are kept: run the same command again to continue \(.+\)',
       last,
   )
   assert proc.returncode == 2 and died, err[-3000:]
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  assert r.returncode == 0 and f': {died.group(1)} of 400 images done' in r.stdout, r.stderr[-3000:]
-  assert features_cache.open_cache(cache).num_images == 400
+  assert r.returncode == 0 and f': {died.group(1)} of {BUILD} images done' in r.stdout, r.stderr[
+      -3000:
+  ]
+  assert features_cache.open_cache(cache).num_images == BUILD
 
 
 def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(
@@ -590,7 +598,7 @@ def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(
   )
   config = _config(mixed_folder, tmp_path / 'cache', **over)
   monkeypatch.setattr(features_cache, 'PROGRESS_EVERY_SECONDS', 0.0)
-  real_append, calls = features_cache.CacheWriter.append, []
+  real_append, calls = cache_writer.CacheWriter.append, []
 
   def append_then_stop(writer, *args):
     real_append(writer, *args)
@@ -598,16 +606,16 @@ def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(
     if len(calls) == 6:
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
+  monkeypatch.setattr(cache_writer.CacheWriter, 'append', append_then_stop)
   with pytest.raises(signals.Interrupted, match='interrupted after [1-9]'):
     precompute_features.precompute(config, progress=False)
   partial = features_cache.incomplete_dir(config.data.cache_dir)
-  recorded = features_cache._read_json(os.path.join(partial, features_cache.PROGRESS))
+  recorded = cache_writer.read_progress(os.path.join(partial, features_cache.PROGRESS))
   assert (
       recorded['rows'] == 5 < os.path.getsize(os.path.join(partial, 'images.npy')) // (32 * 32 * 3)
   )
   assert len(recorded['state']['skipped']) == 5
-  monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
+  monkeypatch.setattr(cache_writer.CacheWriter, 'append', real_append)
   capsys.readouterr()
   precompute_features.precompute(config, progress=False)
   assert 'continuing the interrupted build' in capsys.readouterr().out
@@ -625,8 +633,8 @@ def test_writer_memory_stays_bounded(tmp_path):
   # 1,500 rows of 256 px (295 MB) streamed through the writer: peak RSS must not follow the data.
   code = f"""
 import resource, numpy as np
-from colorflax import features_cache
-w = features_cache.CacheWriter({str(tmp_path / 'big')!r}, 256, 1000)
+from colorflax import cache_writer
+w = cache_writer.CacheWriter({str(tmp_path / 'big')!r}, 256, 1000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 img = np.random.default_rng(0).integers(0, 255, (50, 256, 256, 3), dtype=np.uint8)
 for i in range(30):
@@ -696,17 +704,17 @@ def test_two_shards_merge_into_the_same_cache_as_one_run(tmp_path, monkeypatch, 
   # Shard 1 (rows 10-19) is stopped inside its second batch's write, after the last record (4
   # rows), and continued from there: its own offsets, and the calibration its stopped run saved.
   monkeypatch.setattr(features_cache, 'PROGRESS_EVERY_SECONDS', 0.0)
-  real_append = features_cache.CacheWriter.append
+  real_append = cache_writer.CacheWriter.append
 
   def append_then_stop(writer, *args):
     real_append(writer, *args)
     if writer.images.rows == 8:
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(features_cache.CacheWriter, 'append', append_then_stop)
+  monkeypatch.setattr(cache_writer.CacheWriter, 'append', append_then_stop)
   with pytest.raises(signals.Interrupted, match='interrupted after 4 of 10 images'):
     precompute_features.precompute(sharded, progress=False)
-  monkeypatch.setattr(features_cache.CacheWriter, 'append', real_append)
+  monkeypatch.setattr(cache_writer.CacheWriter, 'append', real_append)
   capsys.readouterr()
   precompute_features.precompute(sharded, progress=False)
   assert 'part-00001-of-00002.incomplete: 4 of 10 images done' in capsys.readouterr().out
