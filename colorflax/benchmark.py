@@ -7,7 +7,6 @@ colorflax runs on one device unless `--config.num_devices` asks for more, as the
 reference and the matmul peak do; on N accelerators MFU is against N times one's peak.
 """
 
-import concurrent.futures
 import itertools
 import json
 import multiprocessing
@@ -63,7 +62,7 @@ _MEMORY_PREFIX = {
 }
 
 
-def _measure_in_child(fn, args):
+def _measure(fn, args):
   out = fn(*args)
   prefix = _MEMORY_PREFIX.get(fn.__name__)
   if prefix is None:
@@ -79,11 +78,40 @@ def _measure_in_child(fn, args):
   return out
 
 
+def _measure_in_child(fn, args, send):
+  """The child's side of `isolated`: (True, the figures) or (False, the exception) on `send`."""
+  try:
+    result = (True, _measure(fn, args))
+  except BaseException as e:  # noqa: BLE001 - the parent re-raises it
+    result = (False, e)
+  try:
+    send.send(result)
+  except Exception:  # an exception that does not pickle
+    send.send((False, RuntimeError(f'{type(result[1]).__name__}: {result[1]}')))
+
+
 def isolated(fn, *args):
-  """fn(*args), a measurement, in a fresh process, so that its peak memory is its own."""
+  """fn(*args), a measurement, in a fresh process, so that its peak memory is its own. Stopped
+  (Ctrl-C, SIGTERM), the measurement is ended with it, not left running."""
   context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-    return pool.submit(_measure_in_child, fn, args).result()
+  receive, send = context.Pipe(duplex=False)
+  child = context.Process(target=_measure_in_child, args=(fn, args, send), name=fn.__name__)
+  child.start()
+  send.close()
+  try:
+    ok, value = receive.recv()
+  except EOFError:  # it died (out of memory?) before it could answer
+    child.join()
+    raise RuntimeError(f'{fn.__name__} died (exit code {child.exitcode})') from None
+  except BaseException:  # a stop: the measurement ends with the benchmark
+    child.terminate()
+    raise
+  finally:
+    child.join()
+    receive.close()
+  if not ok:
+    raise value
+  return value
 
 
 def _median_run(runs, key):

@@ -37,9 +37,13 @@ def define_config(flags, default=None, for_workdir=False):
   config_flags.DEFINE_config_file('config', default, help_text, flag_values=flags, lock_config=True)
 
 
-def fail(message: str, code: int = EXIT_USAGE):
+def _error_line(message):
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
   print(f'{prog}: error: {message}', file=sys.stderr)
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+  _error_line(message)
   sys.exit(code)
 
 
@@ -232,8 +236,7 @@ def _stopped(message, code):
   """Ends a command that a signal stopped, once its cleanup has run: the one line, then exit at
   once. Not through the interpreter's own shutdown, which crashed (SIGSEGV) when the signal had
   come while XLA was starting or compiling in its threads."""
-  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
-  print(f'{prog}: error: {message}', file=sys.stderr)
+  _error_line(message)
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
@@ -260,8 +263,14 @@ def run(main, define_flags):
     print(help_text(sys.modules[main.__module__].__doc__, flags))
     sys.exit(0)
   default_hook, held, one_line_error = sys.unraisablehook, [], False
-  sys.unraisablehook = held.append
   code, finished = None, False
+
+  def hold(unraisable):
+    held.append(unraisable)
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and not finished:
+      signals.raise_again_soon(unraisable.exc_value)  # a stop dropped in a finalizer
+
+  sys.unraisablehook = hold
   try:
     with signals.stop_on_signals(), signals.output_guarded():
       code = main(argv, flags)

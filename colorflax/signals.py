@@ -102,6 +102,21 @@ def stop_on_signals():
         signal.signal(sig, handler)
 
 
+def raise_again_soon(stopped: KeyboardInterrupt, delay=0.01):
+  """A stop raised where Python cannot raise (a finalizer, a garbage-collector callback: it is
+  printed as "Exception ignored" and dropped) is raised again `delay` seconds later, wherever
+  the main thread is then; `cli.run` calls this for every stop dropped so."""
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def again(signum, frame):
+    signal.signal(signal.SIGALRM, previous)
+    raise stopped
+
+  previous = signal.signal(signal.SIGALRM, again) or signal.SIG_DFL
+  signal.setitimer(signal.ITIMER_REAL, delay)
+
+
 def start_resource_tracker_without_sighup():
   """Call before starting worker processes (grain's, precompute's). Their shared memory and
   semaphores are registered with multiprocessing's resource tracker, a process of the same

@@ -225,6 +225,39 @@ def test_a_scheduler_or_a_closed_terminal_stops_any_entry_point_like_ctrl_c(sig)
   assert again.returncode == -sig and again.stdout == 'cleanup ran\n', again.stderr
 
 
+_STOPPED_IN_A_FINALIZER = """
+import gc, os, signal, time
+from colorflax import cli
+
+class Finalized:
+  def __del__(self):  # SIGTERM lands here, where Python cannot raise: it used to be dropped
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+
+def main(argv, flags):
+  Finalized()
+  gc.collect()
+  try:
+    time.sleep(30)  # the rest of the work: the stop must still end it
+  finally:
+    print('cleanup ran', flush=True)
+
+cli.run(main, lambda flags: None)
+"""
+
+
+def test_a_stop_that_lands_in_a_finalizer_still_stops_the_work():
+  r = subprocess.run(
+      [sys.executable, '-c', _STOPPED_IN_A_FINALIZER],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert r.returncode == 143 and r.stdout == 'cleanup ran\n', r.stderr
+  assert r.stderr.strip().splitlines()[-1] == '-c: error: stopped by SIGTERM', r.stderr
+
+
 def test_sighup_ignored_by_nohup_stays_ignored():
   r = subprocess.run(
       [sys.executable, '-c', _SIGNALLED, 'SIGHUP', 'ignored'],

@@ -129,7 +129,7 @@ ENTRY_POINTS = {
     'colorize': Entry(
         lambda c, out: [f'--workdir={c.run}', f'--output={out}/colorized', c.image],
         True,
-        'colorized 1 image',
+        'colorized 1 file',
         lambda c, out: [f'--workdir={out}/nowhere', f'--output={out}/o', c.image],
     ),
     'convert_torch': Entry(
