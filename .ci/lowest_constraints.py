@@ -17,7 +17,7 @@ import sys
 import tomllib
 
 UNTESTED = {'torch', 'torchvision'}
-EXTRAS = ('features', 'tfds', 'test')  # not cuda/tpu: those are jax itself, with plugins
+EXTRAS = ('features', 'tfds', 'video', 'test')  # not cuda/tpu: those are jax itself, with plugins
 
 with open(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'pyproject.toml'), 'rb'

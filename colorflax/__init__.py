@@ -1,8 +1,9 @@
 """colorflax: automatic image colorization in JAX/Flax (README.md).
 
-The data flow, one module each: sources -> precompute_features (features_cache) ->
-device_pipeline / streaming (augment, color) -> model -> train (checkpoints) -> evaluate,
-colorize; benchmark measures it.
+The data flow, one module each: sources -> precompute_features (decoding, inception,
+cache_writer) -> features_cache -> device_pipeline / streaming (augment, color) -> model
+(layers) -> train (train_step, losses, checkpoints) -> evaluate, colorize (colorizer, video);
+benchmark measures it.
 """
 
 from colorflax import xla_flags as _xla_flags

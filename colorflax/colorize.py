@@ -1,24 +1,23 @@
-"""`python -m colorflax.colorize --workdir DIR --output OUTDIR INPUT...`: colour for real photos.
+"""`python -m colorflax.colorize --workdir DIR --output OUTDIR INPUT...`: colour for real photos
+and videos.
 
-Each image (grayscale, or colour converted to grayscale first) is shrunk to the model's working
-size, which gives the model its L input and Inception its feature (computed here, in torch,
-with the settings the training cache recorded). The predicted ab is upsampled to the original
-resolution and recombined with the original full-resolution L, so the output keeps the input's
-size and detail; chroma is reduced where needed to stay inside the sRGB gamut, so L is kept.
+Each image (grayscale, or colour converted to grayscale first) is colorized at the model's
+working size and recombined with its own full-resolution L (colorflax.colorizer): the output
+keeps the input's size, detail and lightness. A video (colorflax.video) keeps its frames,
+frame rate, duration and sound, with one global embedding per shot and its colour smoothed over
+time.
 """
 
 import collections
+import json
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags as absl_flags
 from PIL import Image
 
-from colorflax import checkpoints, cli, color, distributed, features_cache, files, image_io
-from colorflax import model as model_lib
-from colorflax import reporting, signals
+from colorflax import cli, files, image_io
+from colorflax import colorizer as colorizer_lib
+from colorflax import reporting, signals, video
 from colorflax.errors import UserError
 
 
@@ -31,7 +30,7 @@ def _walk(path, output):
   for dirpath, dirnames, filenames in os.walk(path):
     dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
     for name in sorted(filenames):
-      if name.lower().endswith(image_io.IMAGE_EXTENSIONS):
+      if name.lower().endswith(image_io.IMAGE_EXTENSIONS + video.VIDEO_EXTENSIONS):
         full = os.path.join(dirpath, name)
         found.append((full, os.path.relpath(full, os.path.dirname(path))))
   return found
@@ -59,145 +58,22 @@ def expand_inputs(inputs, output=None):
       unique.append(entry)
   # photo.jpg and photo.png would both become photo.png: such inputs keep their extension in the
   # name (photo.jpg.png, photo.png.png). A clash that remains (a.jpg from two folders, given as
-  # files) is refused for the later input: no output overwrites another.
-  stem = lambda rel: os.path.splitext(rel)[0] + '.png'
+  # files) is refused for the later input: no output overwrites another. A video keeps its name.
+  stem = lambda rel: rel if video.is_video(rel) else os.path.splitext(rel)[0] + '.png'
   clashes = collections.Counter(stem(rel).lower() for _, rel, _ in unique if rel)  # A is a: macOS
   taken, result = {}, []
   for path, rel, why_not in unique:
     if why_not:
       result.append((path, None, why_not))
       continue
-    out = stem(rel) if clashes[stem(rel).lower()] == 1 else rel + '.png'
+    keep_extension = clashes[stem(rel).lower()] > 1 and not video.is_video(rel)
+    out = rel + '.png' if keep_extension else stem(rel)
     if out.lower() in taken:
       result.append((path, None, f'its output name {out} is taken by {taken[out.lower()]}'))
       continue
     taken[out.lower()] = path
     result.append((path, out, None))
   return result
-
-
-# The full-resolution work is per pixel, so it runs on flat runs of at most this many pixels,
-# each padded to a power of two: images of every size share a few compilations, and nothing
-# runs op by op (eagerly, a 12-megapixel photo took 25 s, nearly all of it the gamut fit).
-_CHUNK_PIXELS = 1 << 20
-
-
-def _per_pixel(fn, *images):
-  """`fn` (jitted, on (N, C) pixels) applied to (H, W, C) images' pixels -> (H, W, C_out)."""
-  h, w = images[0].shape[:2]
-  n = h * w
-  flat = [np.reshape(x, (n, -1)) for x in images]
-  chunk = min(_CHUNK_PIXELS, 1 << max(n - 1, 1).bit_length())
-  outputs = []
-  for start in range(0, n, chunk):
-    parts = [x[start : start + chunk] for x in flat]
-    pad = chunk - len(parts[0])
-    outputs.append(fn(*(np.pad(p, ((0, pad), (0, 0))) for p in parts)))  # dispatched, not awaited
-  return np.concatenate([np.asarray(o) for o in outputs])[:n].reshape(h, w, -1)
-
-
-@jax.jit
-def _gray_and_lightness(rgb):
-  """uint8 sRGB (N, 3) -> (N, 2): its grayscale in [0, 1] and that grayscale's L*."""
-  gray = color.rgb_to_gray(color.uint8_to_unit(rgb))
-  return jnp.stack([gray, color.rgb_to_lab(jnp.repeat(gray[:, None], 3, axis=-1))[:, 0]], axis=-1)
-
-
-@jax.jit
-def _lab_to_srgb_uint8(l, ab):
-  """L* (N, 1), predicted a*b* (N, 2) -> uint8 sRGB (N, 3), chroma reduced into the gamut."""
-  rgb = color.lab_to_rgb(jnp.concatenate([l, color.fit_ab_to_gamut(l, ab)], axis=-1))
-  return (rgb * 255 + 0.5).astype(jnp.uint8)
-
-
-def _full_res_gray(path):
-  """(full-resolution grayscale in [0,1] (H, W), its L* (H, W)) from any image file."""
-  gray_and_l = _per_pixel(_gray_and_lightness, np.asarray(image_io.load_rgb(path)))
-  return gray_and_l[..., 0], gray_and_l[..., 1]
-
-
-class Colorizer:
-  """Model + Inception for one workdir; `colorize_batch(grays)` -> each image's predicted ab."""
-
-  def __init__(self, workdir, config, which='best', size=0, inception_weights=None):
-    from colorflax import inception
-
-    self.size = size or config.data.image_size
-    if self.size <= 0 or self.size % 8:
-      raise UserError(f'--size must be a positive multiple of 8, got {self.size}')
-    mesh = distributed.data_mesh()
-    self.model, self.variables, self.step = checkpoints.restore_for_inference(
-        workdir, config, which, mesh
-    )
-    # The features the model was trained on: the training cache's record, unless overridden.
-    # A convert_torch workdir has no cache: its config says the seed's (ImageNet logits).
-    cache_dir = os.path.expanduser(config.data.cache_dir)
-    manifest = features_cache.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
-    if manifest is None and inception_weights is None:
-      inception_weights = config.features.inception_weights
-    self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
-    self.kind = config.features.kind
-    self.resize = config.data.resize
-    self._predict = model_lib.make_predict(self.model)
-
-  def working_images(self, gray):
-    """Full-res grayscale (H, W) in [0, 1] -> (the model's input, Inception's input), uint8.
-
-    Both are the training cache's view of the image when it is a square. Otherwise the model
-    must see the whole frame, or its colours would not line up once upsampled onto it: a
-    `center_crop` run (shorter side to the size, then a crop) gets the uncropped image at that
-    scale, sides rounded to multiples of 8, as the model is convolutional; Inception still gets
-    the crop its features were made from."""
-    img = Image.fromarray((gray * 255 + 0.5).astype(np.uint8))
-    square = np.asarray(image_io.resize(img, self.size, self.resize), np.uint8)
-    if self.resize == 'squash':
-      return square, square
-    scale = self.size / min(img.size)
-    whole = img.resize(
-        tuple(max(8, round(side * scale / 8) * 8) for side in img.size), Image.Resampling.BOX
-    )
-    return np.asarray(whole, np.uint8), square
-
-  def colorize_batch(self, grays):
-    """Full-res grayscale images (list of (H, W)) -> each one's predicted ab/128 at its working
-    size."""
-    from colorflax import inception
-
-    inputs, squares = zip(*(self.working_images(g) for g in grays))
-    emb = inception.embed(self.inception, inception.preprocess(np.stack(squares)), self.kind)
-    by_shape = collections.defaultdict(
-        list
-    )  # one batch per input shape (eval mode: images are independent)
-    for i, x in enumerate(inputs):
-      by_shape[x.shape].append(i)
-    ab = [None] * len(grays)
-    for rows in by_shape.values():
-      small = np.stack([inputs[i] for i in rows])
-      l_small = np.asarray(
-          color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0)
-      )[..., :1]
-      for i, out in zip(
-          rows, np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb[rows]))
-      ):
-        ab[i] = out
-    return ab
-
-
-def recombine(l_full, ab_small):
-  """Full-res L (H, W) + working-size ab/128 (h, w, 2) -> uint8 RGB (H, W, 3) at full size."""
-  h, w = l_full.shape
-  ab = np.stack(
-      [
-          np.asarray(
-              Image.fromarray(ab_small[..., c].astype(np.float32), 'F').resize(
-                  (w, h), Image.Resampling.BILINEAR
-              )
-          )
-          for c in range(2)
-      ],
-      axis=-1,
-  ) * np.float32(color.AB_SCALE)
-  return _per_pixel(_lab_to_srgb_uint8, l_full.astype(np.float32)[..., None], ab)
 
 
 def save_png(rgb, out):
@@ -226,9 +102,71 @@ def _read_gray(path):
   try:
     if os.path.getsize(path) == 0:
       raise image_io.SkipImage('empty file')
-    return _full_res_gray(path), None
+    return colorizer_lib.full_res_gray(path), None
   except (image_io.SkipImage, OSError) as e:
     return None, str(e)
+
+
+class _Outputs:
+  """The outputs of one colorize run, input by input: images in batches, videos one by one."""
+
+  def __init__(
+      self, predictor, output, inputs, batch_size, skip_existing, temporal, video_stats, progress
+  ):
+    self.predictor, self.output, self.inputs, self.batch_size = (
+        predictor,
+        output,
+        inputs,
+        batch_size,
+    )
+    self.skip_existing, self.temporal, self.video_stats = skip_existing, temporal, video_stats
+    self.progress = progress
+    self.written, self.failed, self.kept, self.batch = [], [], [], []
+
+  def add(self, path, name, why_not):
+    out = name and os.path.join(self.output, name)
+    if out and os.path.abspath(out) in self.inputs:
+      why_not = f'refusing to overwrite an input: {out}'
+    elif out and self.skip_existing and os.path.isfile(out):  # outputs are renamed whole
+      self.kept.append(out)
+      return
+    if why_not:
+      self.failed.append((path, why_not))
+    elif video.is_video(path):
+      self.flush()  # in input order
+      self.add_video(path, out)
+    else:
+      gray, why_not = _read_gray(path)
+      if why_not:
+        self.failed.append((path, why_not))
+        return
+      self.batch.append((path, out, gray))
+      if len(self.batch) >= self.batch_size:
+        self.flush()
+
+  def flush(self):
+    grays = [g for _, _, (g, _) in self.batch]
+    ab = self.predictor.colorize_batch(grays) if self.batch else []
+    for (path, out, (_, l_full)), ab_small in zip(self.batch, ab):
+      error = save_png(colorizer_lib.recombine(l_full, ab_small), out)
+      if error:
+        self.failed.append((path, error))
+      else:
+        self.written.append(out)
+    self.batch.clear()
+
+  def add_video(self, path, out):
+    with_stats = self.video_stats is not None
+    try:
+      stats = video.colorize_video(
+          path, out, self.predictor, self.temporal, with_stats, self.progress
+      )
+    except video.SkipVideo as e:
+      self.failed.append((path, str(e)))
+      return
+    self.written.append(out)
+    if with_stats:
+      self.video_stats[path] = stats
 
 
 def colorize(
@@ -242,60 +180,48 @@ def colorize(
     batch_size=8,
     progress=True,
     skip_existing=False,
+    temporal=video.TEMPORAL,
+    video_stats=None,
 ):
-  """Writes OUTPUT/<name>.png for each input; returns (written paths, [(path, error)], outputs
-  left as they were because `skip_existing` found them).
+  """Writes OUTPUT/<name>.png for each input image, OUTPUT/<name> for each video; returns
+  (written paths, [(path, error)], outputs left as they were because `skip_existing` found them).
 
-  `inception_weights` overrides the features' recorded weights (None: use the record)."""
+  `inception_weights` overrides the features' recorded weights (None: use the record).
+  `video_stats`, a dict: filled with each video's figures (video.colorize_video)."""
   # Checked before the model loads: a bad --output is found in a second, not after a batch.
   output = cli.output_folder(output, 'output')
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
-  input_paths = {p for p, _, _ in items}
-  colorizer = Colorizer(workdir, config, which, size, inception_weights)
+  predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
   files.create_folder(output, 'output')
   files.check_writable(output, 'output')
-  written, failed, kept, batch = [], [], [], []
-
-  def flush():
-    ab = colorizer.colorize_batch([g for _, _, (g, _) in batch]) if batch else []
-    for (path, out, (_, l_full)), ab_small in zip(batch, ab):
-      error = save_png(recombine(l_full, ab_small), out)
-      if error:
-        failed.append((path, error))
-      else:
-        written.append(out)
-    batch.clear()
-
+  run = _Outputs(
+      predictor,
+      output,
+      {p for p, _, _ in items},
+      batch_size,
+      skip_existing,
+      temporal,
+      video_stats,
+      progress,
+  )
   try:
     for path, name, why_not in reporting.progress_bar(
-        items, desc='colorize', unit='img', disable=not progress
+        items, desc='colorize', unit='file', disable=not progress
     ):
-      out = name and os.path.join(output, name)
-      if out and os.path.abspath(out) in input_paths:
-        why_not = f'refusing to overwrite an input: {out}'
-      elif out and skip_existing and os.path.isfile(out):  # outputs are renamed whole: this one is
-        kept.append(out)
-        continue
-      elif out:
-        gray, why_not = _read_gray(path)
-      if why_not:
-        failed.append((path, why_not))
-        continue
-      batch.append((path, out, gray))
-      if len(batch) >= batch_size:
-        flush()
-    flush()
+      run.add(path, name, why_not)
+    run.flush()
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (signals.Stopped)
-    done = len(written) + len(kept)
+    done = len(run.written) + len(run.kept)
     raise signals.Interrupted(
         f'with {done} of {len(items)} images colorized in {output} (each output complete; '
-        f'{len(written)} by this run): run the same command with --skip_existing to do the rest',
+        f'{len(run.written)} by this run): run the same command with --skip_existing to do the '
+        'rest',
         e,
     ) from None
-  return written, failed, kept
+  return run.written, run.failed, run.kept
 
 
 def define_flags(flags):
@@ -316,9 +242,25 @@ def define_flags(flags):
   absl_flags.DEFINE_bool(
       'skip_existing',
       False,
-      'Leave the inputs whose output PNG is there '
-      'already, e.g. to finish an interrupted run (outputs are only ever '
-      'complete files).',
+      'Leave the inputs whose output is there already, e.g. to finish an interrupted run '
+      '(outputs are only ever complete files).',
+      **define,
+  )
+  absl_flags.DEFINE_float(
+      'temporal',
+      video.TEMPORAL,
+      "Videos: the weight of the previous frame's colour within a shot (0 = none, each "
+      'frame on its own).',
+      lower_bound=0.0,
+      upper_bound=0.99,
+      **define,
+  )
+  absl_flags.DEFINE_string(
+      'json',
+      None,
+      "Also write each video's figures to this JSON file: its shots and cuts, its flicker and "
+      "frame-by-frame colorization's, and for a colour video PSNR and colourfulness against it "
+      '(these cost a second prediction per frame).',
       **define,
   )
 
@@ -331,8 +273,12 @@ def main(argv, flags):
   if len(argv) < 2:
     raise UserError('give at least one input image or folder')
   config = cli.load_workdir_config(flags, flags.workdir)
+  json_path = cli.output_file(flags.json, 'json')
+  if json_path:
+    files.check_writable(os.path.dirname(json_path), 'json')
   overridden = 'features.inception_weights' in cli.override_values(flags)
   weights = config.features.inception_weights if overridden else None
+  stats = {} if json_path else None
   written, failed, kept = colorize(
       flags.workdir,
       config,
@@ -342,12 +288,17 @@ def main(argv, flags):
       flags.size,
       weights,
       skip_existing=flags.skip_existing,
+      temporal=flags.temporal,
+      video_stats=stats,
   )
+  if json_path:
+    with files.atomic(json_path) as f:
+      json.dump(stats, f, indent=2)
   signals.work_done()  # every output is written
   for path, reason in failed:
     print(f'skipped {path}: {reason}')
   print(
-      f'colorized {len(written)} image(s) into {flags.output}'
+      f'colorized {len(written)} file(s) into {flags.output}'
       + (f'; {len(kept)} already there (--skip_existing)' if kept else '')
       + (f'; {len(failed)} failed' if failed else '')
   )

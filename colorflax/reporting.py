@@ -60,7 +60,8 @@ class _LogLines:
   """tqdm's file when stderr is not a terminal: each refresh becomes a line of its own."""
 
   def write(self, text):
-    text = text.replace('\r', '').strip()
+    # Carriage returns, and the cursor moves of a bar nested in another (a video's frames).
+    text = text.replace('\r', '').replace('\x1b[A', '').strip()
     if text:
       sys.stderr.write(text + '\n')
 

@@ -116,3 +116,51 @@ def landscape(index: int, size: int, seed: int = 0) -> np.ndarray:
   img = np.where(below[..., None], ground, img)
 
   return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def video_frames(frames=24, cut=12, width=96, height=64):
+  """A clip of synthetic landscapes, uint8 (frames, height, width, 3): a slow pan across one
+  landscape, then, from frame `cut` on, a slow pan down another (the cut a detector must find).
+  Each frame is a window over three quarters of the scene, squashed to width x height."""
+  from PIL import Image
+
+  size = 4 * max(width, height)
+  window = 3 * size // 4
+  out = []
+  for i in range(frames):
+    first = i < cut
+    scene = landscape(5 if first else 9, size)
+    step = i if first else i - cut
+    x, y = (2 * step, size // 8) if first else (size // 8, 2 * step)  # two pixels a frame
+    crop = Image.fromarray(scene[y : y + window, x : x + window])
+    out.append(np.asarray(crop.resize((width, height), Image.Resampling.BOX)))
+  return np.stack(out)
+
+
+def video_clip(path, frames=24, cut=12, fps=12, width=96, height=64, tone=440.0):
+  """`video_frames` written as an H.264 mp4 (PyAV) with a `tone` Hz sine as its mono AAC
+  audio, as long as the video: the clip the video path is tested and measured on."""
+  import av
+
+  clip = video_frames(frames, cut, width, height)
+  with av.open(str(path), 'w') as out:
+    video = out.add_stream('libx264', rate=fps)
+    video.width, video.height, video.pix_fmt = width, height, 'yuv420p'
+    video.options = {'crf': '12'}
+    audio = out.add_stream('aac', rate=44100)
+    audio.layout = 'mono'
+    for i, rgb in enumerate(clip):
+      frame = av.VideoFrame.from_ndarray(rgb, format='rgb24')
+      frame.pts = i
+      out.mux(video.encode(frame))
+    out.mux(video.encode(None))
+    t = np.arange(round(44100 * frames / fps)) / 44100
+    wave = (0.3 * np.sin(2 * np.pi * tone * t)).astype(np.float32)
+    for start in range(0, len(wave), 1024):
+      chunk = av.AudioFrame.from_ndarray(
+          wave[None, start : start + 1024], format='fltp', layout='mono'
+      )
+      chunk.sample_rate, chunk.pts = 44100, start
+      out.mux(audio.encode(chunk))
+    out.mux(audio.encode(None))
+  return clip

@@ -20,6 +20,7 @@ from colorflax import (
     checkpoints,
     color,
     colorize,
+    colorizer,
     evaluate,
     features_cache,
     image_io,
@@ -166,7 +167,7 @@ def test_evaluate_reports_model_and_baseline(trained):
   everything, _, all_images = evaluate.evaluate(str(root / 'run'), config, 'best', 'all')
   assert everything['num_images'] == 48
   np.testing.assert_array_equal(all_images['row'], np.arange(48))
-  for key in evaluate.PER_IMAGE_COLUMNS:  # an image's metrics do not depend on the batch it was in
+  for key in evaluate.METRICS:  # an image's metrics do not depend on the batch it was in
     np.testing.assert_allclose(
         all_images[key][per_image['row']], per_image[key], rtol=1e-5, atol=1e-6
     )
@@ -472,18 +473,18 @@ def test_colorize_colours_line_up_with_the_whole_frame(trained, resize):
   root, config = trained
   config = config.copy_and_resolve_references()
   config.data.resize = resize
-  colorizer = colorize.Colorizer(str(root / 'run'), config)
-  colorizer._predict = lambda variables, l, emb: np.repeat(np.where(l > 0.5, 0.3, -0.3), 2, -1)
+  predictor = colorizer.Colorizer(str(root / 'run'), config)
+  predictor._predict = lambda variables, l, emb: np.repeat(np.where(l > 0.5, 0.3, -0.3), 2, -1)
   gray = np.full((40, 120), 0.2, np.float32)
   gray[:, :40] = 0.9
-  model_input, inception_input = colorizer.working_images(gray)
+  model_input, inception_input = predictor.working_images(gray)
   expected_crop = image_io.resize(Image.fromarray((gray * 255 + 0.5).astype(np.uint8)), 32, resize)
   np.testing.assert_array_equal(
       inception_input, np.asarray(expected_crop)
   )  # features as in training
   assert model_input.shape == ((32, 32) if resize == 'squash' else (32, 96))
-  [ab] = colorizer.colorize_batch([gray])
-  rgb = colorize.recombine(
+  [ab] = predictor.colorize_batch([gray])
+  rgb = colorizer.recombine(
       np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], ab
   )
   a = skcolor.rgb2lab(rgb / 255.0)[..., 1]
@@ -557,16 +558,16 @@ def test_colorize_without_the_cache_its_random_inception_features_came_from(trai
 
 
 def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tmp_path):
-  monkeypatch.setattr(colorize, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
+  monkeypatch.setattr(colorizer, '_CHUNK_PIXELS', 1 << 10)  # several chunks per image below
   rng = np.random.default_rng(0)
   reference = jax.jit(
       lambda l, ab: color.lab_to_rgb(jnp.concatenate([l, color.fit_ab_to_gamut(l, ab)], -1))
   )
-  before = colorize._lab_to_srgb_uint8._cache_size()
+  before = colorizer._lab_to_srgb_uint8._cache_size()
   for h, w in ((37, 61), (40, 59), (45, 70), (3, 5), (2, 7), (4, 3), (1, 1)):
     l = rng.uniform(0, 100, (h, w)).astype(np.float32)
     ab = rng.uniform(-1, 1, (4, 4, 2)).astype(np.float32)
-    got = colorize.recombine(l, ab)
+    got = colorizer.recombine(l, ab)
     up = (
         np.stack(
             [
@@ -585,13 +586,13 @@ def test_full_resolution_work_is_chunked_and_shares_compilations(monkeypatch, tm
     rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     gray = np.asarray(color.rgb_to_gray(rgb / np.float32(255)))
     Image.fromarray(rgb).save(tmp_path / 'rgb.png')
-    gray_full, l_full = colorize._full_res_gray(tmp_path / 'rgb.png')
+    gray_full, l_full = colorizer.full_res_gray(tmp_path / 'rgb.png')
     np.testing.assert_allclose(gray_full, gray, atol=1e-6)
     np.testing.assert_allclose(
         l_full, np.asarray(color.rgb_to_lab(np.repeat(gray[..., None], 3, -1)))[..., 0], atol=1e-3
     )
   # Large images run as chunks of one size; small ones as powers of two: a few programs in all.
-  assert colorize._lab_to_srgb_uint8._cache_size() - before <= 3
+  assert colorizer._lab_to_srgb_uint8._cache_size() - before <= 3
 
 
 def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
