@@ -3,6 +3,7 @@ colour steadier than frame by frame; nothing cut off left behind; bad videos ski
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -157,9 +158,20 @@ def test_other_containers_are_written_as_they_came(trained, tmp_path, ext):
 
 def test_a_damaged_video_is_skipped_and_the_other_inputs_still_go_through(trained, tmp_path):
   root, config = trained
-  data = (root / 'clip.mp4').read_bytes()
   (tmp_path / 'in').mkdir()
+  data = (root / 'clip.mp4').read_bytes()  # its index (moov) at the end, as x264's mp4 has it
   (tmp_path / 'in' / 'cut_off.mp4').write_bytes(data[: len(data) // 2])
+  with (
+      av.open(str(root / 'clip.mp4')) as c,
+      av.open(str(tmp_path / 'indexed.mp4'), 'w', options={'movflags': 'faststart'}) as out,
+  ):
+    streams = {s.index: out.add_stream_from_template(s) for s in c.streams}
+    for packet in c.demux():
+      if packet.dts is not None:
+        packet.stream = streams[packet.stream.index]
+        out.mux(packet)
+  data = (tmp_path / 'indexed.mp4').read_bytes()  # its index first: frames decode up to the cut
+  (tmp_path / 'in' / 'cut_off_indexed.mp4').write_bytes(data[: 2 * len(data) // 3])
   (tmp_path / 'in' / 'not_a_video.mp4').write_bytes(b'plain text, not a video')
   Image.fromarray(synthetic.landscape(3, 64)).save(tmp_path / 'in' / 'photo.png')
   r = subprocess.run(
@@ -179,13 +191,22 @@ def test_a_damaged_video_is_skipped_and_the_other_inputs_still_go_through(traine
   assert r.returncode == 1, r.stderr[-3000:]  # some inputs failed
   assert 'Traceback' not in r.stderr, r.stderr[-3000:]
   skipped = dict(
-      line.split(': ', 1) for line in r.stdout.splitlines() if line.startswith('skipped')
+      line[len('skipped ') :].split(': ', 1)
+      for line in r.stdout.splitlines()
+      if line.startswith('skipped ')
   )
-  assert set(skipped) == {
-      f'skipped {tmp_path}/in/cut_off.mp4',
-      f'skipped {tmp_path}/in/not_a_video.mp4',
+  assert skipped == {
+      f'{tmp_path}/in/cut_off.mp4': skipped[f'{tmp_path}/in/cut_off.mp4'],
+      f'{tmp_path}/in/cut_off_indexed.mp4': skipped[f'{tmp_path}/in/cut_off_indexed.mp4'],
+      f'{tmp_path}/in/not_a_video.mp4': skipped[f'{tmp_path}/in/not_a_video.mp4'],
   }
-  assert 'not a readable video' in skipped[f'skipped {tmp_path}/in/not_a_video.mp4']
+  cut = re.fullmatch(
+      r'cut off: (\d+) of its 24 frames could be decoded',
+      skipped[f'{tmp_path}/in/cut_off_indexed.mp4'],
+  )
+  assert cut and 0 < int(cut.group(1)) < 24
+  assert skipped[f'{tmp_path}/in/cut_off.mp4'].startswith('not a readable video (')
+  assert skipped[f'{tmp_path}/in/not_a_video.mp4'].startswith('not a readable video (')
   assert os.listdir(tmp_path / 'out' / 'in') == ['photo.png']  # nothing of the bad videos
 
 
