@@ -475,7 +475,7 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
 BUILD = 160
 
 
-def _start_a_build(cache):
+def _start_a_build(cache, images=BUILD):
   """(command, process) of a precompute run in its own process group, once it has recorded rows."""
   cmd = [
       sys.executable,
@@ -484,7 +484,7 @@ def _start_a_build(cache):
       '--config',
       'configs/quickstart.py',
       f'--config.data.cache_dir={cache}',
-      f'--config.data.synthetic_images={BUILD}',
+      f'--config.data.synthetic_images={images}',
       '--config.data.image_size=32',
       '--config.features.batch_size=4',
       '--config.features.num_workers=2',
@@ -552,8 +552,11 @@ def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
   # for ever on its task if it held one (CPython issue 22393; here the worker is usually idle,
   # as Inception is the slower side, and the old code finished). Now the build stops at once
   # with one line, keeping its rows, and the same command continues.
-  cache = tmp_path / 'cache'
-  cmd, proc = _start_a_build(cache)
+  # Enough images that decode tasks remain to be handed out when the worker dies: the pool keeps
+  # at most 128 decoded images ahead of Inception, and the first record comes after 2 s (with all
+  # of 160 images decoded, the build rightly finishes, having lost nothing).
+  cache, images = tmp_path / 'cache', 480
+  cmd, proc = _start_a_build(cache, images)
   workers = []
   for pid in filter(str.isdigit, os.listdir('/proc')):
     try:
@@ -575,15 +578,15 @@ def test_a_killed_decode_worker_stops_the_build_with_what_it_keeps(tmp_path):
   last = err.strip().splitlines()[-1]
   died = re.fullmatch(
       r'precompute_features\.py: error: a decode worker process died after (\d+) of '
-      rf'{BUILD} images, which are kept: run the same command again to continue \(.+\)',
+      rf'{images} images, which are kept: run the same command again to continue \(.+\)',
       last,
   )
   assert proc.returncode == 2 and died, err[-3000:]
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  assert r.returncode == 0 and f': {died.group(1)} of {BUILD} images done' in r.stdout, r.stderr[
+  assert r.returncode == 0 and f': {died.group(1)} of {images} images done' in r.stdout, r.stderr[
       -3000:
   ]
-  assert features_cache.open_cache(cache).num_images == BUILD
+  assert features_cache.open_cache(cache).num_images == images
 
 
 def test_an_interrupted_build_continues_into_the_cache_of_an_uninterrupted_one(
