@@ -31,6 +31,8 @@ WHICH = ('best', 'latest')  # --checkpoint and config.init_checkpoint: these, or
 
 # Changing these makes a checkpoint meaningless for a run; everything else may change on resume.
 RESUME_KEYS = (
+    'loss',
+    'ema_decay',
     'seed',
     'data.image_size',
     'data.val_fraction',
@@ -41,8 +43,20 @@ RESUME_KEYS = (
     'per_device_batch_size',
 )
 # What the parameters' shapes and meaning hang on: a run started from another's weights
-# (config.init_from) must have the same.
+# (config.init_from) must have the same, and evaluate and colorize cannot override them (nor
+# the loss, which says what the model's output is).
 INIT_FROM_KEYS = ('model.width', 'features.kind')
+# A recorded config without these fields (written before they existed) meant these values.
+DEFAULTS = {'loss': 'mse', 'ema_decay': 0.0}
+
+
+def field(config, key):
+  """config's `key` (dotted), or what a config written before the field existed meant."""
+  from colorflax import config_validation
+
+  if key in DEFAULTS and config_validation.key_missing(config, key):
+    return DEFAULTS[key]
+  return config_validation.get_field(config, key)
 
 
 def checkpoint_dir(workdir) -> str:
@@ -265,8 +279,12 @@ def holds_weights_only(workdir) -> bool:
 
 
 def train_item(state) -> dict:
-  """The part of a TrainState that only resuming needs."""
-  return {'step': state.step, 'opt_state': state.opt_state, 'plateau': state.plateau}
+  """The part of a TrainState that only resuming needs (with a moving average of the weights,
+  the model item holds the average, and this the weights being trained)."""
+  item = {'step': state.step, 'opt_state': state.opt_state, 'plateau': state.plateau}
+  if state.ema is not None:
+    item['params'] = state.params
+  return item
 
 
 def _has_data_state(mngr, step) -> bool:
@@ -298,9 +316,11 @@ def restore_train(mngr, state, step=None, data=None):
   ):
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   model, train = restored['model'], restored['train']
+  averaged = 'params' in train  # the model item is the moving average
   state = state.replace(
       step=train['step'],
-      params=model['params'],
+      params=train['params'] if averaged else model['params'],
+      ema=model['params'] if averaged else None,
       batch_stats=model['batch_stats'],
       opt_state=train['opt_state'],
       plateau=train['plateau'],
@@ -338,9 +358,9 @@ def check_can_train_in(workdir, config):
     return
   old = read_config(workdir)
   for key in RESUME_KEYS:
-    if config_validation.key_missing(old, key):
+    if config_validation.key_missing(old, key) and key not in DEFAULTS:
       continue
-    a, b = config_validation.get_field(old, key), config_validation.get_field(config, key)
+    a, b = field(old, key), field(config, key)
     if a != b:
       raise UserError(
           f'{workdir} was trained with {key}={a!r}, this config has {b!r}: '
@@ -352,13 +372,19 @@ def restore_init_from(config, target):
   """(variables, step) of config.init_from's checkpoint (config.init_checkpoint), a training
   run's or an imported prototype's, restored onto `target`'s shapes and shardings; its
   INIT_FROM_KEYS must be this config's."""
-  from colorflax import config_validation
-
   source = config.init_from
   source_config = read_config(source)
+  from colorflax import losses
+
+  head = lambda c: 'classification' if losses.objective(c).classes else 'regression'
+  if head(source_config) != head(config):  # their last layers differ
+    theirs, ours = field(source_config, 'loss'), field(config, 'loss')
+    raise UserError(
+        f'config.init_from: {source} was trained with loss={theirs!r} ({head(source_config)}), '
+        f'this config has {ours!r} ({head(config)}): their outputs differ'
+    )
   for key in INIT_FROM_KEYS:
-    theirs = config_validation.get_field(source_config, key)
-    ours = config_validation.get_field(config, key)
+    theirs, ours = field(source_config, key), field(config, key)
     if theirs != ours:
       raise UserError(
           f'config.init_from: {source} has {key}={theirs!r}, this config {ours!r}; '

@@ -203,6 +203,11 @@ def load_workdir_config(flags, workdir):
       raise UserError(problem)
   config = checkpoints.read_config(workdir)
   for key, value in override_values(flags).items():
+    if key in checkpoints.INIT_FROM_KEYS + ('loss',) and value != checkpoints.field(config, key):
+      raise UserError(
+          f'--config.{key}={value}: {workdir} was trained with {key}='
+          f'{checkpoints.field(config, key)!r}, which its weights are for'
+      )
     parent, _, name = key.rpartition('.')
     (config_validation.get_field(config, parent) if parent else config)[name] = value
   return config_validation.validate(config)

@@ -182,6 +182,7 @@ def colorize(
     skip_existing=False,
     temporal=video.TEMPORAL,
     video_stats=None,
+    temperature=None,
 ):
   """Writes OUTPUT/<name>.png for each input image, OUTPUT/<name> for each video; returns
   (written paths, [(path, error)], outputs left as they were because `skip_existing` found them).
@@ -193,7 +194,7 @@ def colorize(
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
-  predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights)
+  predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights, temperature)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
   files.create_folder(output, 'output')
   files.check_writable(output, 'output')
@@ -263,6 +264,14 @@ def define_flags(flags):
       '(these cost a second prediction per frame).',
       **define,
   )
+  absl_flags.DEFINE_float(
+      'temperature',
+      None,
+      "A classification model's temperature: its colours' annealed mean, from vivid (small, "
+      "towards the most likely bin) to safe (1, the mean); default: the config's.",
+      lower_bound=0.01,
+      **define,
+  )
 
 
 def main(argv, flags):
@@ -290,6 +299,7 @@ def main(argv, flags):
       skip_existing=flags.skip_existing,
       temporal=flags.temporal,
       video_stats=stats,
+      temperature=flags.temperature,
   )
   if json_path:
     with files.atomic(json_path) as f:

@@ -68,8 +68,10 @@ def full_res_gray(path):
 class Colorizer:
   """Model + Inception for one workdir; `colorize_batch(grays)` -> each image's predicted ab."""
 
-  def __init__(self, workdir, config, which='best', size=0, inception_weights=None):
-    from colorflax import inception
+  def __init__(
+      self, workdir, config, which='best', size=0, inception_weights=None, temperature=None
+  ):
+    from colorflax import inception, losses
 
     self.size = size or config.data.image_size
     if self.size <= 0 or self.size % 8:
@@ -87,7 +89,13 @@ class Colorizer:
     self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
     self.kind = config.features.kind
     self.resize = config.data.resize
-    self._predict = model_lib.make_predict(self.model)
+    objective = losses.objective(config)
+    if temperature is not None and not objective.classes:
+      raise UserError(
+          f'--temperature: the run was trained with loss={objective.name}, which has '
+          'no temperature (the classification loss has)'
+      )
+    self._predict = model_lib.make_predict(self.model, objective, temperature)
 
   def working_images(self, gray):
     """Full-res grayscale (H, W) in [0, 1] -> (the model's input, Inception's input), uint8.

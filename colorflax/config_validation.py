@@ -46,7 +46,7 @@ def _number(v):
 
 def _rules():
   """(field, valid, what it must be), in the order they are checked."""
-  from colorflax import augment, checkpoints, device_pipeline, image_io, model, train_step
+  from colorflax import augment, checkpoints, device_pipeline, image_io, losses, model, train_step
 
   positive_int = lambda v: _is_int(v) and v > 0
   at_least = lambda n: lambda v: _is_int(v) and v >= n
@@ -115,6 +115,14 @@ def _rules():
       ('keep_checkpoints', positive_int, 'a positive integer'),
       ('samples_every_epochs', at_least(0), 'an integer >= 0'),
       ('num_samples', at_least(0), 'an integer >= 0'),
+      ('loss', *one_of(losses.LOSSES)),
+      ('huber_delta', lambda v: _number(v) and v > 0, 'a positive number'),
+      ('classification.temperature', lambda v: _number(v) and v > 0, 'a positive number'),
+      ('classification.neighbours', positive_int, 'a positive integer'),
+      ('classification.sigma', lambda v: _number(v) and v > 0, 'a positive number'),
+      ('classification.prior_sigma', lambda v: _number(v) and v > 0, 'a positive number'),
+      ('classification.rebalance', lambda v: _number(v) and 0 <= v <= 1, 'in [0, 1]'),
+      ('ema_decay', lambda v: _number(v) and 0 <= v < 1, 'in [0, 1) (0 = off)'),
       ('plateau.factor', lambda v: _number(v) and 0 < v < 1, 'in (0, 1)'),
       ('plateau.patience', at_least(0), 'an integer >= 0'),
       ('plateau.cooldown', at_least(0), 'an integer >= 0'),

@@ -110,9 +110,13 @@ def read_manifest(cache_dir):
   return manifest
 
 
+HISTOGRAM_PREFIX = 'ab_histogram-'  # the training colours of a split (train.class_weights)
+
+
 def foreign_files(cache_dir):
   """The files and folders in `cache_dir` that are not a cache's own (sorted)."""
-  return sorted(set(os.listdir(cache_dir)) - set(CACHE_FILES))
+  names = set(os.listdir(cache_dir)) - set(CACHE_FILES)
+  return sorted(n for n in names if not (n.startswith(HISTOGRAM_PREFIX) and n.endswith('.npy')))
 
 
 def lock(cache_dir):

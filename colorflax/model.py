@@ -44,6 +44,9 @@ class Colorizer(nn.Module):
   # batch, which would break the agreement of 1- and N-device runs (tested to 1e-5), so
   # model_from_config turns it on where it was measured to pay: on a single CPU device.
   polyphase_dec3: bool = False
+  # > 0: the decoder ends in `classes` logits per pixel at half resolution (dec3_6 and dec4
+  # replaced), for the classification loss; 0 (the seed): ab/128 through tanh.
+  classes: int = 0
   # Every convolution's input stored by itself, for XLA:CPU's weight gradients
   # (`layers._materialized`);
   # model_from_config turns it on for the CPU backend.
@@ -102,6 +105,8 @@ class Colorizer(nn.Module):
       x = nn.relu(conv(c(64), 5, 'dec3_0')(x))
     x = nn.relu(conv(c(64), 3, 'dec3_2')(x))
     x = nn.relu(conv(c(32), 3, 'dec3_4')(x))
+    if self.classes:  # classification (losses.Objective): a logit per ab bin, at half resolution
+      return conv(self.classes, 1, 'logits')(x).astype(jnp.float32)
     x = upsample(_leaky(conv(2, 3, 'dec3_6')(x)))
 
     x = jnp.tanh(conv(2, 3, 'dec4_0')(x))
@@ -109,8 +114,12 @@ class Colorizer(nn.Module):
 
 
 def model_from_config(config) -> Colorizer:
-  """The model a config describes; the embedding size follows the feature kind."""
+  """The model a config describes; the embedding size follows the feature kind, the output the
+  loss (losses.Objective.classes)."""
+  from colorflax import losses
+
   return Colorizer(
+      classes=losses.objective(config).classes,
       width=config.model.width,
       embedding_dim=EMBEDDING_DIMS[config.features.kind],
       dtype=DTYPES[config.model.dtype],
@@ -138,9 +147,15 @@ def init_variables(model: Colorizer, rng, image_size: int = 8):
   return model.init(rng, L, e, train=False)
 
 
-def make_predict(model: Colorizer):
-  """jit(variables, L/100 (B, H, W, 1), embeddings (B, D)) -> ab/128 (B, H, W, 2), eval mode."""
-  return jax.jit(lambda variables, l_norm, emb: model.apply(variables, l_norm, emb, train=False))
+def make_predict(model: Colorizer, objective=None, temperature=None):
+  """jit(variables, L/100 (B, H, W, 1), embeddings (B, D)) -> ab/128 (B, H, W, 2), eval mode:
+  the model's output decoded by `objective` (losses.Objective; None: the output is ab/128)."""
+
+  def predict(variables, l_norm, emb):
+    output = model.apply(variables, l_norm, emb, train=False)
+    return output if objective is None else objective.decode(output, temperature)
+
+  return jax.jit(predict)
 
 
 def count_params(tree) -> int:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags as absl_flags
 
-from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, preemption
+from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, files, losses
+from colorflax import preemption
 from colorflax import model as model_lib
 from colorflax import reporting, signals, train_step
 from colorflax.errors import UserError
@@ -135,6 +136,31 @@ def restore_or_init(config, state, mngr, streaming, log):
   return state, None, None
 
 
+def training_objective(config, cache, plan, log):
+  """The run's losses.Objective; for 'classification', with the rebalancing weights of its
+  training split's colours, whose histogram is counted once and kept with the cache."""
+  if config.get('loss', 'mse') != 'classification':
+    return losses.objective(config)
+  rows = np.asarray(plan.train_rows)
+  key = features_cache.fingerprint({'rows': rows.tolist(), 'centres': len(losses.bin_centres())})
+  path = os.path.join(cache.directory, f'{features_cache.HISTOGRAM_PREFIX}{key}.npy')
+  if os.path.isfile(path):
+    histogram = np.load(path)
+  else:
+    histogram = np.zeros(len(losses.bin_centres()), np.int64)
+    for start in range(0, len(rows), 64):
+      histogram += np.asarray(
+          losses.ab_histogram(np.asarray(cache.images[rows[start : start + 64]]))
+      )
+    if jax.process_index() == 0:
+      with files.atomic(path, 'wb') as f:
+        np.save(f, histogram)
+    log(f'colours of the {len(rows)} training images counted into {path}')
+  c = config.classification
+  weights = losses.class_weights(histogram, losses.bin_centres(), c.prior_sigma, c.rebalance)
+  return losses.objective(config, weights)
+
+
 def make_feeder(config, cache, plan, start_step, stream_state):
   """The run's batches: resident on the devices, or streamed by grain (device_pipeline)."""
   args = (
@@ -159,12 +185,12 @@ class Epochs:
   """The epochs of one run: each a loop of dispatches, then validation, the plateau, metrics, a
   checkpoint and samples. Stops with a checkpoint when `stop` is requested (a signal)."""
 
-  def __init__(self, config, plan, model, tx, plateau, mngr, feeder, report, cache):
+  def __init__(self, config, plan, model, tx, plateau, mngr, feeder, report, cache, objective):
     self.config, self.plan, self.mngr, self.feeder, self.report = config, plan, mngr, feeder, report
     self.cache = cache
-    self.train_chunk = train_step.make_train_chunk(model, tx, config)
-    self.evaluate = train_step.make_evaluate(model)
-    self.predict = model_lib.make_predict(model)
+    self.train_chunk = train_step.make_train_chunk(model, tx, config, objective)
+    self.evaluate = train_step.make_evaluate(model, objective)
+    self.predict = model_lib.make_predict(model, objective)
     self.step_plateau = train_step.plateau_step(plateau, config.learning_rate)
     masks = train_step.eval_masks(len(plan.val_rows), plan.eval_batch)
     self.eval_masks = [
@@ -349,7 +375,8 @@ def _train(config, workdir, cache, plan, progress):
   feeder = make_feeder(config, cache, plan, start_step, stream_state)
   report = reporting.Reporter(workdir, enabled=jax.process_index() == 0)
   report.truncate_after(start_step)
-  epochs = Epochs(config, plan, model, tx, plateau, mngr, feeder, report, cache)
+  objective = training_objective(config, cache, plan, log)
+  epochs = Epochs(config, plan, model, tx, plateau, mngr, feeder, report, cache, objective)
   log(
       f'training on {len(plan.devices)} {plan.devices[0].platform} device(s): '
       f'{len(plan.train_rows)} train / {len(plan.val_rows)} val images, global batch {plan.batch}, '

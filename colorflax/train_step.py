@@ -27,9 +27,13 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   plateau: Any  # optax.contrib.reduce_on_plateau state, stepped on validation loss per epoch
+  ema: Any = None  # config.ema_decay > 0: the moving average of `params`
 
   def variables(self):
-    return {'params': self.params, 'batch_stats': self.batch_stats}
+    """What validation, checkpoints' model item, evaluate and colorize use: the averaged
+    weights when there are any."""
+    params = self.params if self.ema is None else self.ema
+    return {'params': params, 'batch_stats': self.batch_stats}
 
 
 def make_optimizer(config):
@@ -54,12 +58,15 @@ def create_state(config, model, tx, plateau, sharding):
 
   def init(key):
     variables = model_lib.init_variables(model, key)
+    params = variables['params']
+    averaged = config.get('ema_decay', 0.0) > 0
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=variables['params'],
+        params=params,
         batch_stats=variables['batch_stats'],
-        opt_state=tx.init(variables['params']),
-        plateau=plateau.init(variables['params']),
+        opt_state=tx.init(params),
+        plateau=plateau.init(params),
+        ema=jax.tree_util.tree_map(lambda p: p + 0, params) if averaged else None,  # own buffers
     )
 
   return jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed))
@@ -83,10 +90,11 @@ def step_loop(config) -> str:
   return config.step_loop
 
 
-def _step_fn(model, tx, config):
+def _step_fn(model, tx, config, objective):
   """(state, tables, x) -> (state, loss): one optimizer step on the batch `x` selects."""
   base_key = jax.random.key(config.seed)
   aug = config.augment
+  decay = config.get('ema_decay', 0.0)
 
   def one_step(state, tables, x):
     key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
@@ -95,23 +103,26 @@ def _step_fn(model, tx, config):
 
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
-      pred, updates = model.apply(variables, l_norm, emb, train=True, mutable=['batch_stats'])
-      return losses.batch_loss(pred, ab_norm), updates['batch_stats']
+      output, updates = model.apply(variables, l_norm, emb, train=True, mutable=['batch_stats'])
+      return objective.batch_loss(output, ab_norm), updates['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     new = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema
     )
     return new, loss
 
   return one_step
 
 
-def make_train_step(model, tx, config):
+def make_train_step(model, tx, config, objective=None):
   """jit(state, tables, xs, i) -> (state, loss): step i of a dispatch's xs (make_train_chunk)."""
-  one_step = _step_fn(model, tx, config)
+  one_step = _step_fn(model, tx, config, objective or losses.objective(config))
 
   def step(state, tables, xs, i):
     return one_step(state, tables, jax.tree_util.tree_map(lambda a: a[i], xs))
@@ -119,12 +130,14 @@ def make_train_step(model, tx, config):
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_train_chunk(model, tx, config):
+def make_train_chunk(model, tx, config, objective=None):
   """(state, tables, xs) -> (state, the K losses): one dispatch of K steps. `xs` holds each
   step's batch: (K, B) row indices into the resident `tables`, or the streamed (images,
-  embeddings) themselves with `tables` None (see device_pipeline.gather)."""
+  embeddings) themselves with `tables` None (see device_pipeline.gather). `objective`: the
+  run's losses.Objective (default: the config's, without rebalancing weights)."""
+  objective = objective or losses.objective(config)
   if step_loop(config) == 'host':
-    step = make_train_step(model, tx, config)
+    step = make_train_step(model, tx, config, objective)
 
     def host_chunk(state, tables, xs):
       losses = []
@@ -134,7 +147,7 @@ def make_train_chunk(model, tx, config):
       return state, losses
 
     return host_chunk
-  one_step = _step_fn(model, tx, config)
+  one_step = _step_fn(model, tx, config, objective)
 
   def chunk(state, tables, xs):
     return jax.lax.scan(lambda state, x: one_step(state, tables, x), state, xs)
@@ -142,21 +155,23 @@ def make_train_chunk(model, tx, config):
   return jax.jit(chunk, donate_argnums=(0,))
 
 
-def make_evaluate(model):
+def make_evaluate(model, objective=None):
   """jit(variables, tables, x, mask (B,)) -> per-batch sums of validation's per-image metrics
-  (losses.image_metrics; x: as one step of make_train_chunk's xs).
+  (losses.image_metrics, the loss `objective`'s; x: as one step of make_train_chunk's xs).
 
   Called once per validation batch from Python (not a scan: see step_loop); the sums stay on
   the device and are added up there, so the host reads one number per metric per epoch.
   """
 
+  objective = objective or losses.Objective()
+
   def evaluate(variables, tables, x, mask):
     images, emb = device_pipeline.gather(tables, x)
     l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    pred = model.apply(variables, l_norm, emb, train=False)
-    return {
-        k: jnp.sum(v * mask) for k, v in losses.image_metrics(pred, l_norm, ab_norm, rgb).items()
-    }
+    output = model.apply(variables, l_norm, emb, train=False)
+    loss = objective.per_image_loss(output, ab_norm)
+    metrics = losses.image_metrics(objective.decode(output), l_norm, ab_norm, rgb, loss=loss)
+    return {k: jnp.sum(v * mask) for k, v in metrics.items()}
 
   return jax.jit(evaluate)
 

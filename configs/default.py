@@ -69,6 +69,20 @@ def get_config():
   config.num_epochs = 60
   config.learning_rate = 1e-3
 
+  # The objective (colorflax.losses): 'mse' (the seed's), 'l1', 'huber' or 'classification'
+  # (Zhang et al. 2016: a distribution over ab bins, rebalanced towards rare colours).
+  config.loss = 'mse'
+  config.huber_delta = 0.05  # 'huber': where its quadratic part ends, in ab/128 units
+  config.classification = ml_collections.ConfigDict()
+  config.classification.temperature = 0.38  # the annealed mean's (evaluate/colorize --temperature)
+  config.classification.neighbours = 5  # soft encoding of the true ab over its nearest bins
+  config.classification.sigma = 5.0  # ... with a Gaussian of this width (Lab units)
+  config.classification.prior_sigma = 5.0  # smoothing of the training colours' distribution
+  config.classification.rebalance = 0.5  # lambda: the uniform share mixed into it
+  # > 0: an exponential moving average of the weights (this decay per step) is what validation,
+  # the best checkpoint, evaluate and colorize use.
+  config.ema_decay = 0.0
+
   config.augment = ml_collections.ConfigDict()
   config.augment.rotation_degrees = 20.0
   config.augment.shear = 0.2

@@ -448,7 +448,7 @@ def test_validation_keeps_the_host_at_most_two_batches_ahead_of_the_device(
   # the split (a streamed one, larger than device memory, too) while the device catches up.
   outstanding, make_evaluate = [], train_step.make_evaluate
   monkeypatch.setattr(
-      train_step, 'make_evaluate', lambda model: slowed_down(make_evaluate(model), outstanding)
+      train_step, 'make_evaluate', lambda *a: slowed_down(make_evaluate(*a), outstanding)
   )
   train.train_and_evaluate(
       small_config(cache_dir, num_epochs=1, eval_batch_size=4, **{'data.val_fraction': 0.75}),
