@@ -11,10 +11,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags as absl_flags
 
-from colorflax import checkpoints, cli, device_pipeline, distributed, features_cache, files, losses
+from colorflax import checkpoints, cli, color, device_pipeline, distributed, features_cache, files
+from colorflax import fid as fid_lib
+from colorflax import losses
 from colorflax import model as model_lib
 from colorflax import reporting, signals
 from colorflax.errors import UserError
@@ -22,13 +25,19 @@ from colorflax.errors import UserError
 SPLITS = ('val', 'train', 'all')
 
 
-def per_image_metrics(model):
-  """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,)."""
+def per_image_metrics(model, objective=None, temperature=None, with_images=False):
+  """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,), and
+  with `with_images` the colorized and grayscale images as uint8 RGB ('images', 'images_gray')."""
+  objective = objective or losses.Objective()
 
   def fn(variables, images, embeddings):
     l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    pred = model.apply(variables, l_norm, embeddings, train=False)
-    return losses.image_metrics(pred, l_norm, ab_norm, rgb, full=True)
+    pred = objective.decode(model.apply(variables, l_norm, embeddings, train=False), temperature)
+    out = losses.image_metrics(pred, l_norm, ab_norm, rgb, full=True)
+    if with_images:
+      as_uint8 = lambda ab: (color.lab_norm_to_rgb(l_norm, ab) * 255 + 0.5).astype(jnp.uint8)
+      out.update(images=as_uint8(pred), images_gray=as_uint8(jnp.zeros_like(pred)))
+    return out
 
   return jax.jit(fn)
 
@@ -73,11 +82,28 @@ def split_rows(cache, config, split):
   raise UserError(f'--split must be one of {SPLITS}, got {split!r}')
 
 
-def evaluate(workdir, config, which='best', split='val', batch_size=None, samples=0):
+def evaluate(
+    workdir,
+    config,
+    which='best',
+    split='val',
+    batch_size=None,
+    samples=0,
+    temperature=None,
+    fid=False,
+):
   """(metrics dict, sample grid or None, per-image metrics) for a checkpoint of `workdir` on
-  `config`'s cache; the per-image metrics are arrays in the order of their `row` in the cache."""
+  `config`'s cache; the per-image metrics are arrays in the order of their `row` in the cache.
+  `temperature`: the classification loss's annealed mean (None: the config's). `fid`: also the
+  Fréchet Inception Distance of the colorized and of the grayscale images to the true ones."""
   cache = features_cache.open_cache(config.data.cache_dir)
   features_cache.check_matches_config(cache, config, size_is_a_choice=True)
+  objective = losses.objective(config)
+  if temperature is not None and not objective.classes:
+    raise UserError(
+        f'--temperature: the run was trained with loss={objective.name}, which has '
+        'no temperature (the classification loss has)'
+    )
   devices = jax.devices()
   mesh = distributed.data_mesh(devices)
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
@@ -86,7 +112,38 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
   # evenly over this machine's devices, which need not be the training run's.
   batch = batch_size or config.eval_batch_size or config.batch_size
   batch = -(-batch // len(devices)) * len(devices)
-  fn = per_image_metrics(model)
+  fn = per_image_metrics(model, objective, temperature, with_images=fid)
+  features = _fid_features(config, cache) if fid else None
+  per_image = _per_image(fn, variables, cache, rows, batch, mesh, features)
+  summary = summarize(per_image)
+  summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
+  if features is not None:
+    summary.update(
+        fid=fid_lib.frechet_distance(features['model'], features['truth']),
+        fid_gray=fid_lib.frechet_distance(features['gray'], features['truth']),
+        fid_weights=features.weights,
+    )
+  grid = None
+  if samples:
+    grid = reporting.sample_grid(
+        model_lib.make_predict(model, objective, temperature),
+        variables,
+        cache.images[rows[:samples]],
+        cache.embeddings[rows[:samples]],
+    )
+  return summary, grid, per_image
+
+
+def _fid_features(config, cache):
+  """fid.Features with the Inception network the cache's features came from."""
+  from colorflax import inception
+
+  return fid_lib.Features(*inception.load_for_cache(cache.manifest, cache.directory))
+
+
+def _per_image(fn, variables, cache, rows, batch, mesh, features):
+  """`fn`'s per-image metrics of the cache's `rows`, batch by batch (and their images added to
+  `features` for FID), with their `row`."""
   sharded = distributed.batch_sharding(mesh)
   results, in_flight = [], device_pipeline.InFlight()
   for start in reporting.progress_bar(
@@ -98,24 +155,17 @@ def evaluate(workdir, config, which='best', split='val', batch_size=None, sample
     images = jax.device_put(np.asarray(cache.images[padded]), sharded)
     embeddings = jax.device_put(np.asarray(cache.embeddings[padded], np.float32), sharded)
     out = fn(variables, images, embeddings)
+    if features is not None:  # a transfer per batch: FID's Inception runs on the host
+      features.add('model', np.asarray(out.pop('images'))[:n])
+      features.add('gray', np.asarray(out.pop('images_gray'))[:n])
+      features.add('truth', np.asarray(cache.images[chunk]))
     results.append((n, out))  # fetched after the loop, without a transfer per batch
     in_flight.add(out)
   per_image = {}
   for n, out in results:
     for k, v in jax.device_get(out).items():
       per_image.setdefault(k, []).append(np.asarray(v)[:n])
-  per_image = {'row': np.asarray(rows), **{k: np.concatenate(v) for k, v in per_image.items()}}
-  summary = summarize(per_image)
-  summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
-  grid = None
-  if samples:
-    grid = reporting.sample_grid(
-        model_lib.make_predict(model),
-        variables,
-        cache.images[rows[:samples]],
-        cache.embeddings[rows[:samples]],
-    )
-  return summary, grid, per_image
+  return {'row': np.asarray(rows), **{k: np.concatenate(v) for k, v in per_image.items()}}
 
 
 def write_per_image_csv(f, per_image, names):
@@ -135,6 +185,8 @@ def format_table(m):
       ('AuC ab error 0-150', m['auc'], m['auc_gray'], '{:.4f}'),
       ('colourfulness', m['colorfulness'], m['colorfulness_gray'], '{:.2f}'),
   ]
+  if 'fid' in m:
+    rows.append(('FID', m['fid'], m['fid_gray'], '{:.2f}'))
   lines = [
       f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images",
       f"{'metric':<22}{'model':>10}{'grayscale':>12}",
@@ -144,6 +196,8 @@ def format_table(m):
       f"{'colourfulness (truth)':<22}{m['colorfulness_true']:>10.2f}   "
       f"delta {m['delta_colorfulness']:+.2f}"
   )
+  if 'fid_weights' in m:
+    lines.append(f"FID on Inception-v3 pool features, weights {m['fid_weights']}")
   return '\n'.join(lines)
 
 
@@ -170,6 +224,21 @@ def define_flags(flags):
       '(its cache row and source file first), e.g. to find the worst ones.',
       **define,
   )
+  absl_flags.DEFINE_float(
+      'temperature',
+      None,
+      "A classification model's temperature: its colours' annealed mean, from vivid (small, "
+      "towards the most likely bin) to safe (1, the mean); default: the config's.",
+      lower_bound=0.01,
+      **define,
+  )
+  absl_flags.DEFINE_bool(
+      'fid',
+      True,
+      'Also the Fréchet Inception Distance of the colorized and of the grayscale images to the '
+      "true ones (Inception-v3 in torch, on the run's features' weights).",
+      **define,
+  )
 
 
 def main(argv, flags):
@@ -189,7 +258,13 @@ def main(argv, flags):
     files.create_folder(samples_dir, 'samples')
     files.check_writable(samples_dir, 'samples')
   summary, grid, per_image = evaluate(
-      flags.workdir, config, flags.checkpoint, flags.split, samples=flags.samples
+      flags.workdir,
+      config,
+      flags.checkpoint,
+      flags.split,
+      samples=flags.samples,
+      temperature=flags.temperature,
+      fid=flags.fid,
   )
   written = []
   if json_path:

@@ -32,13 +32,16 @@ def to_device(model):
   return model.to(device(), memory_format=torch.channels_last)
 
 
-def preprocess(images_uint8) -> torch.Tensor:
-  """uint8 (B, S, S, 3) RGB, or (B, S, S) grayscale -> the (B, 3, 299, 299) network input."""
+def preprocess(images_uint8, colour=False) -> torch.Tensor:
+  """uint8 (B, S, S, 3) RGB, or (B, S, S) grayscale -> the (B, 3, 299, 299) network input: the
+  grayscale stacked x3 (the colorizer's global feature), or with `colour` the RGB itself (FID)."""
   x = torch.from_numpy(np.array(images_uint8, np.float32)) / 255.0
-  if x.ndim == 4:
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype)
-    x = (x * w).sum(-1)
-  x = x[:, None]
+  if colour:
+    x = x.permute(0, 3, 1, 2)
+  else:
+    if x.ndim == 4:
+      x = (x * torch.tensor(GRAY_WEIGHTS, dtype=x.dtype)).sum(-1)
+    x = x[:, None]
   x = F.interpolate(
       x, size=(INPUT_SIZE, INPUT_SIZE), mode='bilinear', align_corners=False, antialias=True
   )

@@ -25,10 +25,13 @@ def ssim(a, b):
 
 
 def colorfulness(rgb):
-  """Hasler & Süsstrunk (2003) colourfulness of each image, on the 0-255 scale."""
+  """Hasler & Süsstrunk's (2003) M3 colourfulness of each image, on 0-255 RGB, as the
+  colorization literature's tables compute it (DDColor, ColorFormer, BigColor: the code they
+  share): the statistics of |R - G| and |(R + G) / 2 - B|, the absolute values of the paper's
+  opponent components, so that a figure can be set beside theirs."""
   x = rgb.astype(jnp.float32) * 255.0
-  rg = x[..., 0] - x[..., 1]
-  yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
+  rg = jnp.abs(x[..., 0] - x[..., 1])
+  yb = jnp.abs(0.5 * (x[..., 0] + x[..., 1]) - x[..., 2])
   axes = (1, 2)
   sigma = jnp.sqrt(jnp.var(rg, axis=axes) + jnp.var(yb, axis=axes))
   mu = jnp.sqrt(jnp.square(jnp.mean(rg, axis=axes)) + jnp.square(jnp.mean(yb, axis=axes)))

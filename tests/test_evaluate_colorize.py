@@ -72,8 +72,8 @@ def test_colorfulness_matches_direct_numpy():
   photos = _photos()
   ours = np.asarray(metrics.colorfulness(jnp.asarray(photos)))
   for i, img in enumerate(photos.astype(np.float64) * 255):
-    rg = img[..., 0] - img[..., 1]
-    yb = 0.5 * (img[..., 0] + img[..., 1]) - img[..., 2]
+    rg = np.abs(img[..., 0] - img[..., 1])  # the literature's M3: absolute opponent channels
+    yb = np.abs(0.5 * (img[..., 0] + img[..., 1]) - img[..., 2])
     ref = np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
     assert ours[i] == pytest.approx(ref, rel=1e-4)
   gray = np.repeat(photos.mean(-1, keepdims=True), 3, -1)
@@ -266,8 +266,8 @@ def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
   shapes = []
   per_image_metrics = evaluate.per_image_metrics
 
-  def recording(model):
-    fn = per_image_metrics(model)
+  def recording(*args, **kwargs):
+    fn = per_image_metrics(*args, **kwargs)
     return lambda variables, images, embeddings: (
         shapes.append(images.shape[0]),
         fn(variables, images, embeddings),
@@ -300,7 +300,7 @@ def test_evaluate_keeps_the_host_at_most_two_batches_ahead_of_the_device(trained
   monkeypatch.setattr(
       evaluate,
       'per_image_metrics',
-      lambda model: slowed_down(per_image_metrics(model), outstanding),
+      lambda *a, **kw: slowed_down(per_image_metrics(*a, **kw), outstanding),
   )
   summary, _, _ = evaluate.evaluate(
       str(root / 'run'), small_config(config.data.cache_dir, eval_batch_size=4), 'best', 'all'
