@@ -348,3 +348,17 @@ def test_output_files_are_checked_before_the_work(tmp_path):
       and (tmp_path / 'new' / 'deeper').is_dir()
   )
   assert cli.output_file('', 'json') is None
+
+
+@pytest.mark.parametrize('name', ['default', 'quickstart', 'photos'])
+def test_every_shipped_config_is_valid_and_the_photos_one_is_what_it_says(name):
+  import importlib
+
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_validation.validate(config)  # raises ConfigError naming the field
+  if name == 'photos':  # the README's "Real photographs" recommendation
+    assert (config.loss, config.ema_decay, config.classification.temperature) == (
+        'classification',
+        0.99,
+        0.38,
+    )
