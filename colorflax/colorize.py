@@ -183,18 +183,24 @@ def colorize(
     temporal=video.TEMPORAL,
     video_stats=None,
     temperature=None,
+    reference=None,
 ):
   """Writes OUTPUT/<name>.png for each input image, OUTPUT/<name> for each video; returns
   (written paths, [(path, error)], outputs left as they were because `skip_existing` found them).
 
   `inception_weights` overrides the features' recorded weights (None: use the record).
-  `video_stats`, a dict: filled with each video's figures (video.colorize_video)."""
+  `video_stats`, a dict: filled with each video's figures (video.colorize_video). `reference`:
+  a photo whose global embedding every input gets instead of its own."""
   # Checked before the model loads: a bad --output is found in a second, not after a batch.
   output = cli.output_folder(output, 'output')
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
+  if reference and not os.path.isfile(reference):
+    raise UserError(f'--reference {reference}: no such file')
   predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights, temperature)
+  if reference:
+    predictor.use_reference(reference)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
   files.create_folder(output, 'output')
   files.check_writable(output, 'output')
@@ -272,6 +278,13 @@ def define_flags(flags):
       lower_bound=0.01,
       **define,
   )
+  absl_flags.DEFINE_string(
+      'reference',
+      None,
+      'A photo whose scene steers the colours: every input (and video frame) gets its global '
+      'Inception embedding instead of its own.',
+      **define,
+  )
 
 
 def main(argv, flags):
@@ -300,6 +313,7 @@ def main(argv, flags):
       temporal=flags.temporal,
       video_stats=stats,
       temperature=flags.temperature,
+      reference=flags.reference,
   )
   if json_path:
     with files.atomic(json_path) as f:

@@ -638,6 +638,48 @@ def test_colorize_cli_exit_code_and_never_overwrites_inputs(trained, tmp_path):
   assert np.array_equal(np.asarray(Image.open(png_in / 'a.png')), synthetic.landscape(1, 48))
 
 
+def test_colorize_with_a_reference_gives_every_input_the_references_embedding(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  ref = tmp_path / 'reference.png'
+  Image.fromarray(synthetic.landscape(5, 160)).save(ref)
+  common = dict(progress=False)
+  colorize.colorize(str(root / 'run'), config, [str(inputs)], str(tmp_path / 'own'), **common)
+  written, failed, _ = colorize.colorize(
+      str(root / 'run'), config, [str(inputs)], str(tmp_path / 'ref'), reference=str(ref), **common
+  )
+  assert len(written) == 2 and len(failed) == 1  # broken.jpg, as without a reference
+  _assert_colorized(inputs, tmp_path / 'ref' / 'in')
+  # What it wrote is the model's colour under the reference's embedding (of its grayscale, as
+  # Inception saw the training images), computed here directly.
+  c = colorizer.Colorizer(str(root / 'run'), config)
+  ref_gray, _ = colorizer.full_res_gray(str(ref))
+  embedding = c.embed([c.working_images(ref_gray)[1]])
+  for name in ('odd_landscape', 'portrait_gray'):
+    gray, l_full = colorizer.full_res_gray(str(next(inputs.glob(name + '.*'))))
+    expected = colorizer.recombine(l_full, c.colorize_batch([gray], embedding)[0])
+    got = np.asarray(Image.open(tmp_path / 'ref' / 'in' / f'{name}.png'))
+    own = np.asarray(Image.open(tmp_path / 'own' / 'in' / f'{name}.png'))
+    assert np.array_equal(got, expected) and not np.array_equal(got, own), name
+
+
+def test_colorize_refuses_a_missing_or_unreadable_reference_before_any_output(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  (tmp_path / 'empty.png').write_bytes(b'')
+  for ref, why in (('nope.png', 'no such file'), ('empty.png', 'empty file')):
+    with pytest.raises(UserError, match=f'--reference .*{ref}: {why}'):
+      colorize.colorize(
+          str(root / 'run'),
+          config,
+          [str(inputs)],
+          str(tmp_path / 'out'),
+          progress=False,
+          reference=str(tmp_path / ref),
+      )
+    assert not (tmp_path / 'out').exists()
+
+
 def test_colorize_and_evaluate_a_convert_torch_checkpoint(trained, tmp_path):
   from colorflax import inception
   from colorflax.reference import EncDec
@@ -674,6 +716,19 @@ def test_colorize_and_evaluate_a_convert_torch_checkpoint(trained, tmp_path):
   )
   assert r.returncode == 0, r.stderr[-2000:]
   _assert_colorized(inputs, tmp_path / 'out')
+  # A reference photo steers an imported prototype checkpoint too.
+  written, failed, _ = colorize.colorize(
+      str(tmp_path / 'seed'),
+      checkpoints.read_config(tmp_path / 'seed'),
+      [str(inputs / 'portrait_gray.png')],
+      str(tmp_path / 'out_ref'),
+      size=64,
+      inception_weights=str(weights),
+      progress=False,
+      reference=str(inputs / 'odd_landscape.jpg'),
+  )
+  assert len(written) == 1 and not failed
+  assert Image.open(tmp_path / 'out_ref' / 'portrait_gray.png').size == (41, 90)
   # evaluate's default checkpoint, 'best', is the imported one: it has no validation loss to rank
   # by.
   r = subprocess.run(
