@@ -12,6 +12,7 @@ import collections
 import json
 import os
 
+import numpy as np
 from absl import flags as absl_flags
 from PIL import Image
 
@@ -107,6 +108,31 @@ def _read_gray(path):
     return None, str(e)
 
 
+class _References:
+  """--reference_dir: each input's reference photo, the folder's image with the input's name
+  (any image extension; the first in sorted order if several), embedded once."""
+
+  def __init__(self, folder, predictor):
+    self.folder, self.predictor, self.embeddings, self.by_stem = folder, predictor, {}, {}
+    for name in sorted(os.listdir(folder)):
+      stem, ext = os.path.splitext(name)
+      if ext.lower() in image_io.IMAGE_EXTENSIONS:
+        self.by_stem.setdefault(stem, os.path.join(folder, name))
+
+  def embedding_for(self, path):
+    """(the embedding (1, D) of `path`'s reference, None) or (None, why there is none)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    ref = self.by_stem.get(stem)
+    if ref is None:
+      return None, f'no reference for it in {self.folder} (an image named {stem}.*)'
+    if ref not in self.embeddings:
+      try:
+        self.embeddings[ref] = self.predictor.embed_reference(ref)
+      except (image_io.SkipImage, OSError) as e:
+        return None, f'its reference {ref}: {e}'
+    return self.embeddings[ref], None
+
+
 class _Outputs:
   """The outputs of one colorize run, input by input: images in batches, videos one by one."""
 
@@ -122,6 +148,7 @@ class _Outputs:
     self.skip_existing, self.temporal, self.video_stats = skip_existing, temporal, video_stats
     self.progress = progress
     self.written, self.failed, self.kept, self.batch = [], [], [], []
+    self.references = None  # a _References: each input's own reference photo
 
   def add(self, path, name, why_not):
     out = name and os.path.join(self.output, name)
@@ -137,17 +164,23 @@ class _Outputs:
       self.add_video(path, out)
     else:
       gray, why_not = _read_gray(path)
+      embedding = None
+      if not why_not and self.references:
+        embedding, why_not = self.references.embedding_for(path)
       if why_not:
         self.failed.append((path, why_not))
         return
-      self.batch.append((path, out, gray))
+      self.batch.append((path, out, gray, embedding))
       if len(self.batch) >= self.batch_size:
         self.flush()
 
   def flush(self):
-    grays = [g for _, _, (g, _) in self.batch]
-    ab = self.predictor.colorize_batch(grays) if self.batch else []
-    for (path, out, (_, l_full)), ab_small in zip(self.batch, ab):
+    grays = [g for _, _, (g, _), _ in self.batch]
+    embeddings = None
+    if self.references and self.batch:
+      embeddings = np.concatenate([e for *_, e in self.batch])
+    ab = self.predictor.colorize_batch(grays, embeddings) if self.batch else []
+    for (path, out, (_, l_full), _), ab_small in zip(self.batch, ab):
       error = save_png(colorizer_lib.recombine(l_full, ab_small), out)
       if error:
         self.failed.append((path, error))
@@ -157,6 +190,11 @@ class _Outputs:
 
   def add_video(self, path, out):
     with_stats = self.video_stats is not None
+    if self.references:
+      self.predictor.reference, why_not = self.references.embedding_for(path)
+      if why_not:
+        self.failed.append((path, why_not))
+        return
     try:
       stats = video.colorize_video(
           path, out, self.predictor, self.temporal, with_stats, self.progress
@@ -164,6 +202,9 @@ class _Outputs:
     except video.SkipVideo as e:
       self.failed.append((path, str(e)))
       return
+    finally:
+      if self.references:
+        self.predictor.reference = None
     self.written.append(out)
     if with_stats:
       self.video_stats[path] = stats
@@ -184,20 +225,26 @@ def colorize(
     video_stats=None,
     temperature=None,
     reference=None,
+    reference_dir=None,
 ):
   """Writes OUTPUT/<name>.png for each input image, OUTPUT/<name> for each video; returns
   (written paths, [(path, error)], outputs left as they were because `skip_existing` found them).
 
   `inception_weights` overrides the features' recorded weights (None: use the record).
   `video_stats`, a dict: filled with each video's figures (video.colorize_video). `reference`:
-  a photo whose global embedding every input gets instead of its own."""
+  a photo whose global embedding every input gets instead of its own; `reference_dir`: a
+  folder holding each input's reference under the input's name (an input without one fails)."""
   # Checked before the model loads: a bad --output is found in a second, not after a batch.
   output = cli.output_folder(output, 'output')
   items = expand_inputs(inputs, output)
   if not items:
     raise UserError('no input images given')
+  if reference and reference_dir:
+    raise UserError('give --reference (one photo for all inputs) or --reference_dir, not both')
   if reference and not os.path.isfile(reference):
     raise UserError(f'--reference {reference}: no such file')
+  if reference_dir and not os.path.isdir(reference_dir):
+    raise UserError(f'--reference_dir {reference_dir}: no such folder')
   predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights, temperature)
   if reference:
     predictor.use_reference(reference)
@@ -214,6 +261,8 @@ def colorize(
       video_stats,
       progress,
   )
+  if reference_dir:
+    run.references = _References(reference_dir, predictor)
   try:
     for path, name, why_not in reporting.progress_bar(
         items, desc='colorize', unit='file', disable=not progress
@@ -285,6 +334,13 @@ def define_flags(flags):
       'Inception embedding instead of its own.',
       **define,
   )
+  absl_flags.DEFINE_string(
+      'reference_dir',
+      None,
+      "A folder of reference photos, one per input, found by the input's name (photo.jpg: "
+      'photo.*); an input without one is skipped and reported.',
+      **define,
+  )
 
 
 def main(argv, flags):
@@ -314,6 +370,7 @@ def main(argv, flags):
       video_stats=stats,
       temperature=flags.temperature,
       reference=flags.reference,
+      reference_dir=flags.reference_dir,
   )
   if json_path:
     with files.atomic(json_path) as f:

@@ -99,16 +99,20 @@ class Colorizer:
     self.reference = None  # use_reference: one embedding (1, D) for every image
 
   def use_reference(self, path):
-    """Every image and video frame gets the global embedding of the photo at `path` (colour or
-    not: Inception sees its grayscale, as in training), so that its scene steers the colours."""
+    """Every image and video frame gets the global embedding of the photo at `path`, so that
+    its scene steers the colours (None: their own again)."""
     try:
-      if os.path.getsize(path) == 0:
-        raise image_io.SkipImage('empty file')
-      gray, _ = full_res_gray(path)
+      self.reference = None if path is None else self.embed_reference(path)
     except (image_io.SkipImage, OSError) as e:
       raise UserError(f'--reference {path}: {e}') from None
-    self.reference = None  # the reference's own embedding, not a previous reference's
-    self.reference = self.embed([self.working_images(gray)[1]])
+
+  def embed_reference(self, path):
+    """The embedding (1, D) of the photo at `path`, colour or not: Inception sees its grayscale,
+    as it saw the training images. image_io.SkipImage or OSError if it cannot be read."""
+    if os.path.getsize(path) == 0:
+      raise image_io.SkipImage('empty file')
+    gray, _ = full_res_gray(path)
+    return self._inception_embed([self.working_images(gray)[1]])
 
   def working_images(self, gray):
     """Full-res grayscale (H, W) in [0, 1] -> (the model's input, Inception's input), uint8.
@@ -130,10 +134,13 @@ class Colorizer:
 
   def embed(self, squares):
     """Inception's inputs (uint8 grayscale squares, from working_images) -> embeddings (B, D)."""
-    from colorflax import inception
-
     if self.reference is not None:
       return np.repeat(self.reference, len(squares), axis=0)
+    return self._inception_embed(squares)
+
+  def _inception_embed(self, squares):
+    from colorflax import inception
+
     return inception.embed(self.inception, inception.preprocess(np.stack(squares)), self.kind)
 
   def colorize_batch(self, grays, embeddings=None):

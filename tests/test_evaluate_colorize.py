@@ -663,19 +663,53 @@ def test_colorize_with_a_reference_gives_every_input_the_references_embedding(tr
     assert np.array_equal(got, expected) and not np.array_equal(got, own), name
 
 
+def test_colorize_with_a_reference_folder_gives_each_input_its_own_reference(trained, tmp_path):
+  root, config = trained
+  inputs = _inputs(tmp_path / 'in')
+  shutil.copy(inputs / 'portrait_gray.png', inputs / 'unmatched.png')
+  refs = tmp_path / 'refs'
+  refs.mkdir()
+  for index, name in ((5, 'odd_landscape.png'), (9, 'portrait_gray.jpg')):
+    Image.fromarray(synthetic.landscape(index, 160)).save(refs / name)
+  written, failed, _ = colorize.colorize(
+      str(root / 'run'),
+      config,
+      [str(inputs)],
+      str(tmp_path / 'out'),
+      progress=False,
+      batch_size=2,  # one batch holds both references
+      reference_dir=str(refs),
+  )
+  assert len(written) == 2
+  reasons = {os.path.basename(p): why for p, why in failed}
+  assert sorted(reasons) == ['broken.jpg', 'unmatched.png']  # broken: unreadable, as always
+  assert reasons['unmatched.png'] == f'no reference for it in {refs} (an image named unmatched.*)'
+  c = colorizer.Colorizer(str(root / 'run'), config)
+  for name, ref in (('odd_landscape', 'odd_landscape.png'), ('portrait_gray', 'portrait_gray.jpg')):
+    gray, l_full = colorizer.full_res_gray(str(next(inputs.glob(name + '.*'))))
+    ab = c.colorize_batch([gray], c.embed_reference(str(refs / ref)))[0]
+    got = np.asarray(Image.open(tmp_path / 'out' / 'in' / f'{name}.png'))
+    assert np.array_equal(got, colorizer.recombine(l_full, ab)), name
+
+
 def test_colorize_refuses_a_missing_or_unreadable_reference_before_any_output(trained, tmp_path):
   root, config = trained
   inputs = _inputs(tmp_path / 'in')
   (tmp_path / 'empty.png').write_bytes(b'')
-  for ref, why in (('nope.png', 'no such file'), ('empty.png', 'empty file')):
-    with pytest.raises(UserError, match=f'--reference .*{ref}: {why}'):
+  for given, why in (
+      ({'reference': 'nope.png'}, '--reference .*nope.png: no such file'),
+      ({'reference': 'empty.png'}, '--reference .*empty.png: empty file'),
+      ({'reference_dir': 'nope'}, '--reference_dir .*nope: no such folder'),
+      ({'reference': 'empty.png', 'reference_dir': 'in'}, 'give --reference .* not both'),
+  ):
+    with pytest.raises(UserError, match=why):
       colorize.colorize(
           str(root / 'run'),
           config,
           [str(inputs)],
           str(tmp_path / 'out'),
           progress=False,
-          reference=str(tmp_path / ref),
+          **{flag: str(tmp_path / name) for flag, name in given.items()},
       )
     assert not (tmp_path / 'out').exists()
 

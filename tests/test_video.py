@@ -233,3 +233,31 @@ def test_colorize_json_has_each_videos_figures(trained, tmp_path):
   assert figures['temporal'] == 0 and figures['cuts'] == [12]
   # Without smoothing, a shot's single embedding still steadies the colour.
   assert figures['flicker'] < figures['flicker_frame_by_frame']
+
+
+def test_a_reference_photo_gives_every_shot_its_embedding(trained, tmp_path, monkeypatch):
+  # --reference_dir finds clip.mp4's reference as clip.*; both shots, every frame, get its
+  # embedding instead of the mean of their own frames'.
+  root, config = trained
+  refs = tmp_path / 'refs'
+  refs.mkdir()
+  Image.fromarray(synthetic.landscape(5, 96)).save(refs / 'clip.png')
+  real, seen = colorizer.Colorizer.colorize_batch, []
+
+  def recording(self, grays, embeddings=None):
+    seen.append(None if embeddings is None else np.array(embeddings))
+    return real(self, grays, embeddings)
+
+  monkeypatch.setattr(colorizer.Colorizer, 'colorize_batch', recording)
+  written, failed, _ = colorize.colorize(
+      str(root / 'run'),
+      config,
+      [str(root / 'clip.mp4')],
+      str(tmp_path / 'out'),
+      progress=False,
+      reference_dir=str(refs),
+  )
+  assert failed == [] and len(written) == 1 and seen
+  reference = colorizer.Colorizer(str(root / 'run'), config).embed_reference(str(refs / 'clip.png'))
+  for embeddings in seen:
+    assert embeddings is not None and np.allclose(embeddings, reference, rtol=1e-5, atol=1e-5)
