@@ -37,6 +37,18 @@ def define_config(flags, default=None, for_workdir=False):
   config_flags.DEFINE_config_file('config', default, help_text, flag_values=flags, lock_config=True)
 
 
+def define_temperature(flags):
+  """--temperature, of evaluate and colorize (losses.objective checks the run has one)."""
+  absl_flags.DEFINE_float(
+      'temperature',
+      None,
+      "A classification model's temperature: its colours' annealed mean, from vivid (small, "
+      "towards the most likely bin) to safe (1, the mean); default: the config's.",
+      lower_bound=0.01,
+      flag_values=flags,
+  )
+
+
 def _error_line(message):
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'colorflax'
   print(f'{prog}: error: {message}', file=sys.stderr)

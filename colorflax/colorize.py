@@ -319,14 +319,7 @@ def define_flags(flags):
       '(these cost a second prediction per frame).',
       **define,
   )
-  absl_flags.DEFINE_float(
-      'temperature',
-      None,
-      "A classification model's temperature: its colours' annealed mean, from vivid (small, "
-      "towards the most likely bin) to safe (1, the mean); default: the config's.",
-      lower_bound=0.01,
-      **define,
-  )
+  cli.define_temperature(flags)
   absl_flags.DEFINE_string(
       'reference',
       None,

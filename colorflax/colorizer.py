@@ -89,20 +89,15 @@ class Colorizer:
     self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
     self.kind = config.features.kind
     self.resize = config.data.resize
-    objective = losses.objective(config)
-    if temperature is not None and not objective.classes:
-      raise UserError(
-          f'--temperature: the run was trained with loss={objective.name}, which has '
-          'no temperature (the classification loss has)'
-      )
-    self._predict = model_lib.make_predict(self.model, objective, temperature)
+    objective = losses.objective(config, temperature=temperature)
+    self._predict = model_lib.make_predict(self.model, objective)
     self.reference = None  # use_reference: one embedding (1, D) for every image
 
   def use_reference(self, path):
     """Every image and video frame gets the global embedding of the photo at `path`, so that
-    its scene steers the colours (None: their own again)."""
+    its scene steers the colours."""
     try:
-      self.reference = None if path is None else self.embed_reference(path)
+      self.reference = self.embed_reference(path)
     except (image_io.SkipImage, OSError) as e:
       raise UserError(f'--reference {path}: {e}') from None
 

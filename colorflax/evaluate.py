@@ -25,14 +25,14 @@ from colorflax.errors import UserError
 SPLITS = ('val', 'train', 'all')
 
 
-def per_image_metrics(model, objective=None, temperature=None, with_images=False):
+def per_image_metrics(model, objective=None, with_images=False):
   """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,), and
   with `with_images` the colorized and grayscale images as uint8 RGB ('images', 'images_gray')."""
   objective = objective or losses.Objective()
 
   def fn(variables, images, embeddings):
     l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    pred = objective.decode(model.apply(variables, l_norm, embeddings, train=False), temperature)
+    pred = objective.decode(model.apply(variables, l_norm, embeddings, train=False))
     out = losses.image_metrics(pred, l_norm, ab_norm, rgb, full=True)
     if with_images:
       as_uint8 = lambda ab: (color.lab_norm_to_rgb(l_norm, ab) * 255 + 0.5).astype(jnp.uint8)
@@ -98,12 +98,7 @@ def evaluate(
   Fréchet Inception Distance of the colorized and of the grayscale images to the true ones."""
   cache = features_cache.open_cache(config.data.cache_dir)
   features_cache.check_matches_config(cache, config, size_is_a_choice=True)
-  objective = losses.objective(config)
-  if temperature is not None and not objective.classes:
-    raise UserError(
-        f'--temperature: the run was trained with loss={objective.name}, which has '
-        'no temperature (the classification loss has)'
-    )
+  objective = losses.objective(config, temperature=temperature)
   devices = jax.devices()
   mesh = distributed.data_mesh(devices)
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
@@ -112,7 +107,7 @@ def evaluate(
   # evenly over this machine's devices, which need not be the training run's.
   batch = batch_size or config.eval_batch_size or config.batch_size
   batch = -(-batch // len(devices)) * len(devices)
-  fn = per_image_metrics(model, objective, temperature, with_images=fid)
+  fn = per_image_metrics(model, objective, with_images=fid)
   features = _fid_features(config, cache) if fid else None
   per_image = _per_image(fn, variables, cache, rows, batch, mesh, features)
   summary = summarize(per_image)
@@ -126,7 +121,7 @@ def evaluate(
   grid = None
   if samples:
     grid = reporting.sample_grid(
-        model_lib.make_predict(model, objective, temperature),
+        model_lib.make_predict(model, objective),
         variables,
         cache.images[rows[:samples]],
         cache.embeddings[rows[:samples]],
@@ -224,14 +219,7 @@ def define_flags(flags):
       '(its cache row and source file first), e.g. to find the worst ones.',
       **define,
   )
-  absl_flags.DEFINE_float(
-      'temperature',
-      None,
-      "A classification model's temperature: its colours' annealed mean, from vivid (small, "
-      "towards the most likely bin) to safe (1, the mean); default: the config's.",
-      lower_bound=0.01,
-      **define,
-  )
+  cli.define_temperature(flags)
   absl_flags.DEFINE_bool(
       'fid',
       True,

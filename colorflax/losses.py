@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from colorflax import color, metrics
+from colorflax.errors import UserError
 
 LOSSES = ('mse', 'l1', 'huber', 'classification')  # config.loss
 GRID = 10.0  # the side of an ab bin, in Lab units
@@ -115,12 +116,11 @@ class Objective:
     """The model's outputs per pixel: 0 for ab itself, else one logit per bin."""
     return len(bin_centres()) if self.name == 'classification' else 0
 
-  def decode(self, output, temperature=None):
+  def decode(self, output):
     """The model's output -> ab/128 at the image's resolution (B, H, W, 2)."""
     if self.name != 'classification':
       return output
-    t = self.temperature if temperature is None else temperature
-    ab = annealed_mean(output, jnp.asarray(bin_centres()), t) / color.AB_SCALE
+    ab = annealed_mean(output, jnp.asarray(bin_centres()), self.temperature) / color.AB_SCALE
     b, h, w, _ = ab.shape
     return jax.image.resize(ab, (b, 2 * h, 2 * w, 2), 'linear')
 
@@ -155,13 +155,21 @@ class Objective:
     return jnp.mean(self._per_pixel(output, target), axis=(1, 2))
 
 
-def objective(config, weights=None):
-  """The Objective `config` names (a config saved before `loss` existed: the seed's MSE)."""
+def objective(config, weights=None, temperature=None):
+  """The Objective `config` names (a config saved before `loss` existed: the seed's MSE).
+  `temperature`: the annealed mean's, for this use only (evaluate/colorize --temperature; None:
+  the config's); a loss without one refuses it."""
   c = config.get('classification', {}) or {}
+  name = config.get('loss', 'mse')
+  if temperature is not None and name != 'classification':
+    raise UserError(
+        f'--temperature: the run was trained with loss={name}, which has no temperature (the '
+        'classification loss has)'
+    )
   return Objective(
-      name=config.get('loss', 'mse'),
+      name=name,
       huber_delta=config.get('huber_delta', 0.05),
-      temperature=c.get('temperature', 0.38),
+      temperature=c.get('temperature', 0.38) if temperature is None else temperature,
       neighbours=c.get('neighbours', 5),
       sigma=c.get('sigma', 5.0),
       weights=weights,

@@ -147,13 +147,13 @@ def init_variables(model: Colorizer, rng, image_size: int = 8):
   return model.init(rng, L, e, train=False)
 
 
-def make_predict(model: Colorizer, objective=None, temperature=None):
+def make_predict(model: Colorizer, objective=None):
   """jit(variables, L/100 (B, H, W, 1), embeddings (B, D)) -> ab/128 (B, H, W, 2), eval mode:
   the model's output decoded by `objective` (losses.Objective; None: the output is ab/128)."""
 
   def predict(variables, l_norm, emb):
     output = model.apply(variables, l_norm, emb, train=False)
-    return output if objective is None else objective.decode(output, temperature)
+    return output if objective is None else objective.decode(output)
 
   return jax.jit(predict)
 

@@ -37,6 +37,18 @@ def _frames(path):
     return np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
 
 
+def _colorize_cli(root, output, *args):
+  """`python -m colorflax.colorize` with the trained run, its completed process."""
+  cmd = [sys.executable, '-m', 'colorflax.colorize', f'--workdir={root / "run"}']
+  return subprocess.run(
+      cmd + [f'--output={output}', *map(str, args)],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+
+
 def _describe(path):
   """(frames, frame rate, width, height, duration s, audio: (codec, rate, duration s) or None)."""
   with av.open(str(path)) as c:
@@ -174,20 +186,7 @@ def test_a_damaged_video_is_skipped_and_the_other_inputs_still_go_through(traine
   (tmp_path / 'in' / 'cut_off_indexed.mp4').write_bytes(data[: 2 * len(data) // 3])
   (tmp_path / 'in' / 'not_a_video.mp4').write_bytes(b'plain text, not a video')
   Image.fromarray(synthetic.landscape(3, 64)).save(tmp_path / 'in' / 'photo.png')
-  r = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'colorflax.colorize',
-          f'--workdir={root / "run"}',
-          f'--output={tmp_path / "out"}',
-          str(tmp_path / 'in'),
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  r = _colorize_cli(root, tmp_path / 'out', tmp_path / 'in')
   assert r.returncode == 1, r.stderr[-3000:]  # some inputs failed
   assert 'Traceback' not in r.stderr, r.stderr[-3000:]
   skipped = dict(
@@ -212,21 +211,8 @@ def test_a_damaged_video_is_skipped_and_the_other_inputs_still_go_through(traine
 
 def test_colorize_json_has_each_videos_figures(trained, tmp_path):
   root, _ = trained
-  r = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'colorflax.colorize',
-          f'--workdir={root / "run"}',
-          f'--output={tmp_path / "out"}',
-          f'--json={tmp_path / "v.json"}',
-          '--temporal=0',
-          str(root / 'clip.mp4'),
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
+  r = _colorize_cli(
+      root, tmp_path / 'out', f'--json={tmp_path / "v.json"}', '--temporal=0', root / 'clip.mp4'
   )
   assert r.returncode == 0, r.stderr[-3000:]
   figures = json.loads((tmp_path / 'v.json').read_text())[str(root / 'clip.mp4')]
