@@ -109,6 +109,7 @@ def test_help_lists_the_entry_points_flags(module):
     source = f.read()
   flags = re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source)
   flags += ['config'] if 'cli.define_config(' in source else []
+  flags += ['temperature'] if 'cli.define_temperature(' in source else []
   assert flags, f'{module} defines no flags?'
   as_module = [sys.executable, '-m', f'colorflax.{module}']
   as_console_script = [
