@@ -14,6 +14,7 @@ checkpoint (one file per process, grain's orbax handler), so a resumed run conti
 exactly the batches the interrupted one would have seen.
 """
 
+import contextlib
 import functools
 import gc
 import json
@@ -130,15 +131,37 @@ class IteratorState:
     pass
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _leave_stop_signals_to_training(worker_index, worker_count):
   """Ctrl-C, schedulers' SIGTERM and a closed terminal's SIGHUP (the shell sends it to its jobs)
   reach the whole process group. Training stops on them with a checkpoint (colorflax.preemption)
   and then stops its workers itself (grain: an event, then a kill); a worker that died on the
-  signal first would print a traceback and could leave it short of the batches it still reads."""
+  signal first would print a traceback and could leave it short of the batches it still reads.
+
+  Workers start with these signals blocked (`_workers_start_deaf`), so one that arrives while a
+  worker starts waits; ignoring it here discards it, and only then are they unblocked."""
   del worker_index, worker_count
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  for signum in _STOP_SIGNALS:
+    signal.signal(signum, signal.SIG_IGN)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _workers_start_deaf():
+  """Within: worker processes started by this thread (grain starts them on first use, from
+  threads this one starts too) inherit the stop signals blocked, until their
+  `_leave_stop_signals_to_training`; otherwise a signal in their first second of start-up, before
+  it, killed them. The process still gets the signal: the kernel hands it to a thread that does
+  not block it, and Python runs its handlers in the main thread in any case. The resource
+  tracker must already run (signals.start_resource_tracker_without_sighup): starting it
+  unblocks SIGINT and SIGTERM in the calling thread."""
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StreamFeeder:
@@ -192,9 +215,10 @@ class StreamFeeder:
           ),
           worker_init_fn=_leave_stop_signals_to_training,
       )
-    self.iterator = iter(it_ds)
-    if restored.iterator_state is not None:
-      self.iterator.set_state(restored.iterator_state)
+    with _workers_start_deaf():
+      self.iterator = iter(it_ds)
+      if restored.iterator_state is not None:
+        self.iterator.set_state(restored.iterator_state)
     self.prefetch = 2  # dispatches assembled ahead of the one running
 
   @staticmethod
@@ -222,6 +246,9 @@ class StreamFeeder:
     stop = threading.Event()
 
     def produce():
+      # This thread never handles signals (the main thread does), and grain starts its workers
+      # from it on the first `next`.
+      signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
       try:
         step = first_step
         for n in sizes:
@@ -229,6 +256,8 @@ class StreamFeeder:
             return
           elements = [next(self.iterator) for _ in range(n)]
           arrays = self._assemble(elements, step)
+          for element in elements:
+            _unlink_shared_memory(element)
           q.put((arrays, IteratorState(self.state.first_step, self.iterator.get_state())))
           step += n
         q.put(None)
@@ -281,6 +310,22 @@ class StreamFeeder:
     del iterator
     gc.collect()
     _wait_for_shared_memory_release()
+
+
+def _unlink_shared_memory(element):
+  """Frees the name of each array of `element` that a grain worker passed in shared memory, once
+  its data is copied (`_assemble` stacks it). grain leaves that to the array's last reference,
+  whose deletion queues the unlink on a thread (`_wait_for_shared_memory_release`); when grain's
+  own threads hold the last element of a run until after training has closed the stream, the
+  unlink came too late at exit and Python's resource tracker warned of a leaked shared_memory
+  object (seen on a loaded 2-core CI machine). The mapping stays valid until the array is
+  deleted, which then only closes it. A grain whose arrays lack these attributes is left as it
+  is."""
+  for leaf in element.values():
+    shm = getattr(leaf, 'shm', None)
+    if shm is not None and getattr(leaf, '_unlink_on_del', False):
+      leaf._unlink_on_del = False  # pylint: disable=protected-access
+      shm.unlink()
 
 
 def _wait_for_shared_memory_release(timeout=30.0):
