@@ -32,6 +32,7 @@ WHICH = ('best', 'latest')  # --checkpoint and config.init_checkpoint: these, or
 # Changing these makes a checkpoint meaningless for a run; everything else may change on resume.
 RESUME_KEYS = (
     'loss',
+    'model.hints',
     'ema_decay',
     'seed',
     'data.image_size',
@@ -45,9 +46,9 @@ RESUME_KEYS = (
 # What the parameters' shapes and meaning hang on: a run started from another's weights
 # (config.init_from) must have the same, and evaluate and colorize cannot override them (nor
 # the loss, which says what the model's output is).
-INIT_FROM_KEYS = ('model.width', 'features.kind')
+INIT_FROM_KEYS = ('model.width', 'features.kind', 'model.hints')
 # A recorded config without these fields (written before they existed) meant these values.
-DEFAULTS = {'loss': 'mse', 'ema_decay': 0.0}
+DEFAULTS = {'loss': 'mse', 'ema_decay': 0.0, 'model.hints': False}
 
 
 def field(config, key):

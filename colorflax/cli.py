@@ -37,6 +37,27 @@ def define_config(flags, default=None, for_workdir=False):
   config_flags.DEFINE_config_file('config', default, help_text, flag_values=flags, lock_config=True)
 
 
+WORKING_SIZE_HELP = 'Working resolution (multiple of 8); 0 = the training image size.'
+
+
+def define_workdir(flags, size_help=None):
+  """The flags of a command that uses a trained model: --config (its overrides only), --workdir,
+  --checkpoint and, given `size_help`, --size."""
+  define_config(flags, for_workdir=True)
+  define = dict(flag_values=flags)
+  absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
+  absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
+  if size_help:
+    absl_flags.DEFINE_integer('size', 0, size_help, lower_bound=0, **define)
+
+
+def inception_weights_override(flags, config):
+  """--config.features.inception_weights if this command line gives it, else None: the
+  weights the run's features cache recorded are used."""
+  overridden = 'features.inception_weights' in override_values(flags)
+  return config.features.inception_weights if overridden else None
+
+
 def define_temperature(flags):
   """--temperature, of evaluate and colorize (losses.objective checks the run has one)."""
   absl_flags.DEFINE_float(

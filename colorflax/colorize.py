@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags as absl_flags
 from PIL import Image
 
-from colorflax import cli, files, image_io
+from colorflax import cli, files, hints, image_io
 from colorflax import colorizer as colorizer_lib
 from colorflax import reporting, signals, video
 from colorflax.errors import UserError
@@ -108,16 +108,24 @@ def _read_gray(path):
     return None, str(e)
 
 
+def _by_stem(folder, extensions):
+  """{name without extension: path} of `folder`'s files with one of `extensions` (the first in
+  sorted order where several share a name): --reference_dir's and --hints_dir's lookup."""
+  found = {}
+  for name in sorted(os.listdir(folder)):
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in extensions:
+      found.setdefault(stem, os.path.join(folder, name))
+  return found
+
+
 class _References:
   """--reference_dir: each input's reference photo, the folder's image with the input's name
   (any image extension; the first in sorted order if several), embedded once."""
 
   def __init__(self, folder, predictor):
-    self.folder, self.predictor, self.embeddings, self.by_stem = folder, predictor, {}, {}
-    for name in sorted(os.listdir(folder)):
-      stem, ext = os.path.splitext(name)
-      if ext.lower() in image_io.IMAGE_EXTENSIONS:
-        self.by_stem.setdefault(stem, os.path.join(folder, name))
+    self.folder, self.predictor, self.embeddings = folder, predictor, {}
+    self.by_stem = _by_stem(folder, image_io.IMAGE_EXTENSIONS)
 
   def embedding_for(self, path):
     """(the embedding (1, D) of `path`'s reference, None) or (None, why there is none)."""
@@ -131,6 +139,31 @@ class _References:
       except (image_io.SkipImage, OSError) as e:
         return None, f'its reference {ref}: {e}'
     return self.embeddings[ref], None
+
+
+class _Hints:
+  """--hints FILE (the same points for every input) or --hints_dir DIR (each input's own file,
+  DIR/<its name>.json): each input's colour hint channels on the model's grid."""
+
+  def __init__(self, predictor, shared=None, folder=None):
+    self.predictor, self.shared, self.folder = predictor, shared, folder  # shared: read_points'
+    self.by_stem = _by_stem(folder, ('.json',)) if folder else {}
+
+  def channels_for(self, path, gray):
+    """(the hint channels (1, h, w, 3) of the input at `path`, None) or (None, why not)."""
+    points = self.shared
+    if points is None:
+      stem = os.path.splitext(os.path.basename(path))[0]
+      if stem not in self.by_stem:
+        return None, f'no hints for it in {self.folder} (a file named {stem}.json)'
+      try:
+        points = hints.read_points(self.by_stem[stem])
+      except UserError as e:
+        return None, str(e)
+    try:
+      return self.predictor.hint_channels(points, gray, path), None
+    except UserError as e:
+      return None, str(e)
 
 
 class _Outputs:
@@ -149,6 +182,7 @@ class _Outputs:
     self.progress = progress
     self.written, self.failed, self.kept, self.batch = [], [], [], []
     self.references = None  # a _References: each input's own reference photo
+    self.hints = None  # a _Hints: each input's colour hints
 
   def add(self, path, name, why_not):
     out = name and os.path.join(self.output, name)
@@ -159,28 +193,34 @@ class _Outputs:
       return
     if why_not:
       self.failed.append((path, why_not))
+    elif video.is_video(path) and self.hints:
+      self.failed.append((path, 'colour hints are for images, not videos'))
     elif video.is_video(path):
       self.flush()  # in input order
       self.add_video(path, out)
     else:
       gray, why_not = _read_gray(path)
-      embedding = None
+      embedding = hint_channels = None
       if not why_not and self.references:
         embedding, why_not = self.references.embedding_for(path)
+      if not why_not and self.hints:
+        hint_channels, why_not = self.hints.channels_for(path, gray[0])
       if why_not:
         self.failed.append((path, why_not))
         return
-      self.batch.append((path, out, gray, embedding))
+      self.batch.append((path, out, gray, embedding, hint_channels))
       if len(self.batch) >= self.batch_size:
         self.flush()
 
   def flush(self):
-    grays = [g for _, _, (g, _), _ in self.batch]
-    embeddings = None
+    grays = [g for _, _, (g, _), _, _ in self.batch]
+    embeddings = hint_channels = None
     if self.references and self.batch:
-      embeddings = np.concatenate([e for *_, e in self.batch])
-    ab = self.predictor.colorize_batch(grays, embeddings) if self.batch else []
-    for (path, out, (_, l_full), _), ab_small in zip(self.batch, ab):
+      embeddings = np.concatenate([e for *_, e, _ in self.batch])
+    if self.hints:
+      hint_channels = [h for *_, h in self.batch]
+    ab = self.predictor.colorize_batch(grays, embeddings, hint_channels) if self.batch else []
+    for (path, out, (_, l_full), _, _), ab_small in zip(self.batch, ab):
       error = save_png(colorizer_lib.recombine(l_full, ab_small), out)
       if error:
         self.failed.append((path, error))
@@ -226,6 +266,8 @@ def colorize(
     temperature=None,
     reference=None,
     reference_dir=None,
+    hints_file=None,
+    hints_dir=None,
 ):
   """Writes OUTPUT/<name>.png for each input image, OUTPUT/<name> for each video; returns
   (written paths, [(path, error)], outputs left as they were because `skip_existing` found them).
@@ -233,7 +275,9 @@ def colorize(
   `inception_weights` overrides the features' recorded weights (None: use the record).
   `video_stats`, a dict: filled with each video's figures (video.colorize_video). `reference`:
   a photo whose global embedding every input gets instead of its own; `reference_dir`: a
-  folder holding each input's reference under the input's name (an input without one fails)."""
+  folder holding each input's reference under the input's name (an input without one fails).
+  `hints_file`: colour hints (colorflax.hints' JSON) for every input, `hints_dir`: a folder of
+  them by the input's name, for a model trained with hints."""
   # Checked before the model loads: a bad --output is found in a second, not after a batch.
   output = cli.output_folder(output, 'output')
   items = expand_inputs(inputs, output)
@@ -245,7 +289,18 @@ def colorize(
     raise UserError(f'--reference {reference}: no such file')
   if reference_dir and not os.path.isdir(reference_dir):
     raise UserError(f'--reference_dir {reference_dir}: no such folder')
+  if hints_file and hints_dir:
+    raise UserError('give --hints (one file for all inputs) or --hints_dir, not both')
+  if hints_dir and not os.path.isdir(hints_dir):
+    raise UserError(f'--hints_dir {hints_dir}: no such folder')
+  # A bad file is refused before the model loads.
+  shared_points = hints.read_points(hints_file) if hints_file else None
   predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights, temperature)
+  if (hints_file or hints_dir) and not predictor.model.hints:
+    raise UserError(
+        f'--hints: {workdir} was trained without colour hints (model.hints); colorize without '
+        'them, or train a model with --config.model.hints=true'
+    )
   if reference:
     predictor.use_reference(reference)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
@@ -263,6 +318,8 @@ def colorize(
   )
   if reference_dir:
     run.references = _References(reference_dir, predictor)
+  if hints_file or hints_dir:
+    run.hints = _Hints(predictor, shared_points, hints_dir)
   try:
     for path, name, why_not in reporting.progress_bar(
         items, desc='colorize', unit='file', disable=not progress
@@ -281,19 +338,10 @@ def colorize(
 
 
 def define_flags(flags):
-  cli.define_config(flags, for_workdir=True)
+  cli.define_workdir(flags, size_help=cli.WORKING_SIZE_HELP)
   define = dict(flag_values=flags)
-  absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
   absl_flags.DEFINE_string(
       'output', None, 'Folder for the colorized PNGs (created if needed).', **define
-  )
-  absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
-  absl_flags.DEFINE_integer(
-      'size',
-      0,
-      'Working resolution (multiple of 8); 0 = the training image size.',
-      lower_bound=0,
-      **define,
   )
   absl_flags.DEFINE_bool(
       'skip_existing',
@@ -334,6 +382,21 @@ def define_flags(flags):
       'photo.*); an input without one is skipped and reported.',
       **define,
   )
+  absl_flags.DEFINE_string(
+      'hints',
+      None,
+      'A model trained with colour hints: a JSON file of points of known colour for every input, '
+      '{"points": [{"x": X, "y": Y, "rgb": "#rrggbb"}, ...]} in the image\'s own pixels (the '
+      "colour's lightness is not used).",
+      **define,
+  )
+  absl_flags.DEFINE_string(
+      'hints_dir',
+      None,
+      "A folder of hints files, one per input, found by the input's name (photo.jpg: "
+      'photo.json); an input without one is skipped and reported.',
+      **define,
+  )
 
 
 def main(argv, flags):
@@ -347,8 +410,7 @@ def main(argv, flags):
   json_path = cli.output_file(flags.json, 'json')
   if json_path:
     files.check_writable(os.path.dirname(json_path), 'json')
-  overridden = 'features.inception_weights' in cli.override_values(flags)
-  weights = config.features.inception_weights if overridden else None
+  weights = cli.inception_weights_override(flags, config)
   stats = {} if json_path else None
   written, failed, kept = colorize(
       flags.workdir,
@@ -364,6 +426,8 @@ def main(argv, flags):
       temperature=flags.temperature,
       reference=flags.reference,
       reference_dir=flags.reference_dir,
+      hints_file=flags.hints,
+      hints_dir=flags.hints_dir,
   )
   if json_path:
     with files.atomic(json_path) as f:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from colorflax import checkpoints, color, distributed, features_cache, image_io
+from colorflax import checkpoints, color, distributed, features_cache, hints, image_io
 from colorflax import model as model_lib
 from colorflax.errors import UserError
 
@@ -89,7 +89,7 @@ class Colorizer:
     self.inception, self.weights = inception.load_for_cache(manifest, cache_dir, inception_weights)
     self.kind = config.features.kind
     self.resize = config.data.resize
-    objective = losses.objective(config, temperature=temperature)
+    self.objective = objective = losses.objective(config, temperature=temperature)
     self._predict = model_lib.make_predict(self.model, objective)
     self.reference = None  # use_reference: one embedding (1, D) for every image
 
@@ -121,11 +121,15 @@ class Colorizer:
     square = np.asarray(image_io.resize(img, self.size, self.resize), np.uint8)
     if self.resize == 'squash':
       return square, square
-    scale = self.size / min(img.size)
-    whole = img.resize(
-        tuple(max(8, round(side * scale / 8) * 8) for side in img.size), Image.Resampling.BOX
-    )
+    whole = img.resize(self.working_size(img.size), Image.Resampling.BOX)
     return np.asarray(whole, np.uint8), square
+
+  def working_size(self, image_size):
+    """(w, h) of the model's input (working_images) for an image of `image_size` (W, H)."""
+    if self.resize == 'squash':
+      return self.size, self.size
+    scale = self.size / min(image_size)
+    return tuple(max(8, round(side * scale / 8) * 8) for side in image_size)
 
   def embed(self, squares):
     """Inception's inputs (uint8 grayscale squares, from working_images) -> embeddings (B, D)."""
@@ -138,9 +142,18 @@ class Colorizer:
 
     return inception.embed(self.inception, inception.preprocess(np.stack(squares)), self.kind)
 
-  def colorize_batch(self, grays, embeddings=None):
+  def hint_channels(self, points, gray, path):
+    """colorflax.hints' channels (1, h, w, 3) of user `points` (hints.read_points) on the working
+    grid of the full-res grayscale `gray`; UserError if a point is off the image (`path` names
+    it)."""
+    image_size = gray.shape[::-1]
+    return hints.points_for(points, path, image_size, self.working_size(image_size))
+
+  def colorize_batch(self, grays, embeddings=None, hint_channels=None, temperature=None):
     """Full-res grayscale images (list of (H, W)) -> each one's predicted ab/128 at its working
-    size. `embeddings` (B, D): the global features to use instead of the images' own."""
+    size. `embeddings` (B, D): the global features to use instead of the images' own;
+    `hint_channels`: each image's colour hints (`hint_channels`; None: none); `temperature`: a
+    classification model's, for this call (None: the one the Colorizer was made with)."""
     inputs, squares = zip(*(self.working_images(g) for g in grays))
     emb = self.embed(squares) if embeddings is None else np.asarray(embeddings, np.float32)
     by_shape = collections.defaultdict(
@@ -154,9 +167,13 @@ class Colorizer:
       l_small = np.asarray(
           color.rgb_to_lab(np.repeat(small[..., None], 3, -1).astype(np.float32) / 255.0)
       )[..., :1]
-      for i, out in zip(
-          rows, np.asarray(self._predict(self.variables, l_small / color.L_SCALE, emb[rows]))
-      ):
+      given = None
+      if hint_channels is not None:
+        given = np.concatenate([hint_channels[i] for i in rows])
+      prediction = self._predict(
+          self.variables, l_small / color.L_SCALE, emb[rows], given, temperature
+      )
+      for i, out in zip(rows, np.asarray(prediction)):
         ab[i] = out
     return ab
 

@@ -17,7 +17,7 @@ from absl import flags as absl_flags
 
 from colorflax import checkpoints, cli, color, device_pipeline, distributed, features_cache, files
 from colorflax import fid as fid_lib
-from colorflax import losses
+from colorflax import hints, losses
 from colorflax import model as model_lib
 from colorflax import reporting, signals
 from colorflax.errors import UserError
@@ -25,14 +25,18 @@ from colorflax.errors import UserError
 SPLITS = ('val', 'train', 'all')
 
 
-def per_image_metrics(model, objective=None, with_images=False):
-  """jit(variables, images uint8 (B,S,S,3), embeddings) -> dict of per-image metrics (B,), and
-  with `with_images` the colorized and grayscale images as uint8 RGB ('images', 'images_gray')."""
+def per_image_metrics(model, objective=None, with_images=False, hint_count=0, seed=0):
+  """jit(variables, images uint8 (B,S,S,3), embeddings, rows (B,)) -> dict of per-image metrics
+  (B,), and with `with_images` the colorized and grayscale images as uint8 RGB ('images',
+  'images_gray'). `hint_count`: patches of the true colour each image reveals to a model with
+  hints, a function of (`seed`, its cache row)."""
   objective = objective or losses.Objective()
 
-  def fn(variables, images, embeddings):
+  def fn(variables, images, embeddings, rows):
     l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    pred = objective.decode(model.apply(variables, l_norm, embeddings, train=False))
+    given = hints.revealed(seed, rows, ab_norm, hint_count) if model.hints else None
+    output = model.apply(variables, l_norm, embeddings, train=False, hints=given)
+    pred = objective.decode(output)
     out = losses.image_metrics(pred, l_norm, ab_norm, rgb, full=True)
     if with_images:
       as_uint8 = lambda ab: (color.lab_norm_to_rgb(l_norm, ab) * 255 + 0.5).astype(jnp.uint8)
@@ -91,27 +95,36 @@ def evaluate(
     samples=0,
     temperature=None,
     fid=False,
+    hint_count=None,
 ):
   """(metrics dict, sample grid or None, per-image metrics) for a checkpoint of `workdir` on
   `config`'s cache; the per-image metrics are arrays in the order of their `row` in the cache.
   `temperature`: the classification loss's annealed mean (None: the config's). `fid`: also the
-  Fréchet Inception Distance of the colorized and of the grayscale images to the true ones."""
+  Fréchet Inception Distance of the colorized and of the grayscale images to the true ones.
+  `hint_count`: colour hints revealed per image to a model with hints (None: 0)."""
   cache = features_cache.open_cache(config.data.cache_dir)
   features_cache.check_matches_config(cache, config, size_is_a_choice=True)
   objective = losses.objective(config, temperature=temperature)
   devices = jax.devices()
   mesh = distributed.data_mesh(devices)
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
+  if hint_count and not model.hints:
+    raise UserError(
+        f'--hints: {workdir} was trained without colour hints (model.hints); train one with '
+        '--config.model.hints=true'
+    )
   rows = split_rows(cache, config, split)
   # As training's validation: eval_batch_size, else the training batch; rounded up to split
   # evenly over this machine's devices, which need not be the training run's.
   batch = batch_size or config.eval_batch_size or config.batch_size
   batch = -(-batch // len(devices)) * len(devices)
-  fn = per_image_metrics(model, objective, with_images=fid)
+  fn = per_image_metrics(model, objective, fid, hint_count or 0, config.seed)
   features = _fid_features(config, cache) if fid else None
   per_image = _per_image(fn, variables, cache, rows, batch, mesh, features)
   summary = summarize(per_image)
   summary.update(checkpoint_step=int(step), split=split, workdir=os.path.abspath(workdir))
+  if model.hints:
+    summary['hints'] = hint_count or 0
   if features is not None:
     summary.update(
         fid=fid_lib.frechet_distance(features['model'], features['truth']),
@@ -149,7 +162,7 @@ def _per_image(fn, variables, cache, rows, batch, mesh, features):
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n)])  # static shapes
     images = jax.device_put(np.asarray(cache.images[padded]), sharded)
     embeddings = jax.device_put(np.asarray(cache.embeddings[padded], np.float32), sharded)
-    out = fn(variables, images, embeddings)
+    out = fn(variables, images, embeddings, jax.device_put(padded.astype(np.int32), sharded))
     if features is not None:  # a transfer per batch: FID's Inception runs on the host
       features.add('model', np.asarray(out.pop('images'))[:n])
       features.add('gray', np.asarray(out.pop('images_gray'))[:n])
@@ -182,8 +195,9 @@ def format_table(m):
   ]
   if 'fid' in m:
     rows.append(('FID', m['fid'], m['fid_gray'], '{:.2f}'))
+  hinted = f", {m['hints']} colour hints each" if 'hints' in m else ''
   lines = [
-      f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images",
+      f"checkpoint step {m['checkpoint_step']}, {m['num_images']} {m['split']} images{hinted}",
       f"{'metric':<22}{'model':>10}{'grayscale':>12}",
   ]
   lines += [f'{name:<22}{fmt.format(a):>10}{fmt.format(b):>12}' for name, a, b, fmt in rows]
@@ -197,10 +211,8 @@ def format_table(m):
 
 
 def define_flags(flags):
-  cli.define_config(flags, for_workdir=True)
+  cli.define_workdir(flags)
   define = dict(flag_values=flags)
-  absl_flags.DEFINE_string('workdir', None, 'A training (or convert_torch) workdir.', **define)
-  absl_flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.", **define)
   absl_flags.DEFINE_string(
       'split', 'val', "'val' (the training run's held-out split), 'train' or 'all'.", **define
   )
@@ -225,6 +237,14 @@ def define_flags(flags):
       True,
       'Also the Fréchet Inception Distance of the colorized and of the grayscale images to the '
       "true ones (Inception-v3 in torch, on the run's features' weights).",
+      **define,
+  )
+  absl_flags.DEFINE_integer(
+      'hints',
+      None,
+      'A model trained with colour hints (model.hints): reveal N patches of the true colour per '
+      'image (seeded: the same for every run), as a user would give them; none by default.',
+      lower_bound=0,
       **define,
   )
 
@@ -253,6 +273,7 @@ def main(argv, flags):
       samples=flags.samples,
       temperature=flags.temperature,
       fid=flags.fid,
+      hint_count=flags.hints,
   )
   written = []
   if json_path:

@@ -293,9 +293,17 @@ class StemConvPool(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, extra=None):
+    """`extra` (B, H, W, C), e.g. colour hints: more input channels, with a kernel of their own
+    (`extra_kernel`) that starts at zero, so that the layer starts as the one-channel one."""
     kernel, bias = _torch_conv_params(self, 3, 1, self.features)
-    y = _conv1_max_pool(x[..., 0].astype(jnp.float32), kernel[:, :, 0, :])
+    if extra is None:
+      y = _conv1_max_pool(x[..., 0].astype(jnp.float32), kernel[:, :, 0, :])
+    else:  # the plain conv and pool: the one-channel shortcut does not apply
+      shape = (3, 3, extra.shape[-1], self.features)
+      extra_kernel = self.param('extra_kernel', nn.initializers.zeros, shape, jnp.float32)
+      inputs = jnp.concatenate([x, extra], axis=-1).astype(jnp.float32)
+      y = max_pool(conv_same(inputs, jnp.concatenate([kernel, extra_kernel], axis=2)))
     return (y + bias).astype(self.dtype)
 
 

@@ -8,6 +8,7 @@ which `jax.jit`, `lax.scan` and sharding compose with directly, with no per-step
 split/merge of a mutable object graph in Python.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -16,7 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colorflax.layers import Conv, FusionConv, StemConvPool, UpsampleConcatConv, max_pool, upsample
+from colorflax import hints as hints_lib
+from colorflax import losses as losses_lib
+from colorflax.layers import (
+    Conv,
+    FusionConv,
+    StemConvPool,
+    UpsampleConcatConv,
+    conv_same,
+    max_pool,
+    upsample,
+)
 
 # The global embedding's width for each features.kind (Inception-v3's logits, softmax, pool).
 EMBEDDING_DIMS = {'logits': 1000, 'probs': 1000, 'pool': 2048}
@@ -31,8 +42,9 @@ def _leaky(x):
 class Colorizer(nn.Module):
   """Encoder + decoder + skips + fusion of a global embedding.
 
-  `__call__(L, embedding, train)`: L is (B, H, W, 1) = L*/100 in [0, 1], H and W divisible by
-  8; embedding is (B, embedding_dim). Returns (B, H, W, 2) = predicted ab/128, float32.
+  `__call__(L, embedding, train, hints)`: L is (B, H, W, 1) = L*/100 in [0, 1], H and W
+  divisible by 8; embedding is (B, embedding_dim); hints (B, H, W, 3) for a model with `hints`
+  (None: none). Returns (B, H, W, 2) = predicted ab/128, float32.
   `width` scales every hidden layer (1.0 is the seed); `dtype` is the compute dtype, the
   parameters stay float32.
   """
@@ -51,12 +63,16 @@ class Colorizer(nn.Module):
   # (`layers._materialized`);
   # model_from_config turns it on for the CPU backend.
   materialize_conv_inputs: bool = False
+  # Colour hints (colorflax.hints): three more input channels, hint a, hint b and their mask,
+  # into enc1_0 (through a kernel that starts at zero) and to the output layer (HintsOut). Off:
+  # the seed model.
+  hints: bool = False
 
   def _ch(self, n):
     return max(1, int(round(n * self.width)))
 
   @nn.compact
-  def __call__(self, L, embedding, train: bool = False):
+  def __call__(self, L, embedding, train: bool = False, hints=None):
     if L.ndim != 4 or L.shape[-1] != 1:
       raise ValueError(f'L must be (B, H, W, 1), got {L.shape}')
     if L.shape[1] % 8 or L.shape[2] % 8:
@@ -65,6 +81,12 @@ class Colorizer(nn.Module):
       raise ValueError(
           f'embedding must be ({L.shape[0]}, {self.embedding_dim}), got {embedding.shape}'
       )
+    if hints is not None and not self.hints:
+      raise ValueError('this model takes no colour hints (model.hints is off)')
+    if self.hints:
+      hints = hints_lib.none(L) if hints is None else hints
+      if hints.shape != L.shape[:3] + (hints_lib.CHANNELS,):
+        raise ValueError(f'hints must be {L.shape[:3] + (hints_lib.CHANNELS,)}, got {hints.shape}')
     c = self._ch
     mat = self.materialize_conv_inputs
     conv = lambda n, k, name: Conv(n, k, self.dtype, mat, name=name)
@@ -76,7 +98,7 @@ class Colorizer(nn.Module):
     # enc1 = leaky(conv), then max pool. Leaky ReLU is increasing, so it commutes with the max
     # (same values, same first maximum, same slope there): StemConvPool computes conv + pool on
     # the pooled grid and the activation follows.
-    x = _leaky(StemConvPool(c(128), self.dtype, name='enc1_0')(L))
+    x = _leaky(StemConvPool(c(128), self.dtype, name='enc1_0')(L, hints))
     x = nn.relu(conv(c(128), 5, 'enc2_1')(x))
     x = nn.relu(conv(c(128), 3, 'enc2_3')(x))
     enc2 = bn('enc2_5')(x)
@@ -106,11 +128,52 @@ class Colorizer(nn.Module):
     x = nn.relu(conv(c(64), 3, 'dec3_2')(x))
     x = nn.relu(conv(c(32), 3, 'dec3_4')(x))
     if self.classes:  # classification (losses.Objective): a logit per ab bin, at half resolution
-      return conv(self.classes, 1, 'logits')(x).astype(jnp.float32)
+      logits = conv(self.classes, 1, 'logits')(x)
+      if self.hints:
+        half = hints_lib.half_resolution(hints)
+        logits = logits + HintsOut(self.classes, losses_lib.bin_centres(), name='hints_out')(half)
+      return logits.astype(jnp.float32)
     x = upsample(_leaky(conv(2, 3, 'dec3_6')(x)))
 
-    x = jnp.tanh(conv(2, 3, 'dec4_0')(x))
-    return x.astype(jnp.float32)
+    x = conv(2, 3, 'dec4_0')(x)
+    if self.hints:
+      x = x + HintsOut(2, name='hints_out')(hints)
+    return jnp.tanh(x).astype(jnp.float32)
+
+
+HINT_SIGMA = 30.0  # Lab units: the width of the classification head's initial prior around hints
+
+
+class HintsOut(nn.Module):
+  """The hints' direct path to the output layer (before its tanh, or to the logits), as the
+  shortcut from the first layers to the last carries them in Zhang et al.'s network: a 3x3
+  convolution of the hint channels (from zero), plus a linear map of the hints spread over the
+  image (hints.spread), both at the output's resolution.
+
+  The spread colour starts added as it is for the regression head (`centres` None: ab/128
+  onto the ab before tanh), and as the log of a Gaussian around it (HINT_SIGMA) for the
+  classification head (`centres`, the bins' ab), which is linear in the colour:
+  c.h / s^2 - |c|^2 / 2s^2 per bin c, the second term on the confidence channel. Without hints,
+  and far from them, both terms are zero."""
+
+  features: int
+  centres: Any = None  # (Q, 2) Lab units: the classification head's bins
+
+  @nn.compact
+  def __call__(self, hints):
+    zeros = nn.initializers.zeros
+    kernel = self.param('kernel', zeros, (3, 3, hints_lib.CHANNELS, self.features), jnp.float32)
+    spread_kernel = self.param('spread_kernel', self._spread_init, (3, self.features))
+    return conv_same(hints, kernel) + hints_lib.spread(hints) @ spread_kernel
+
+  def _spread_init(self, key, shape):
+    """(c a, c b, c) -> the output: the identity (regression), a Gaussian's log (classification)."""
+    if self.centres is None:
+      return jnp.eye(*shape, dtype=jnp.float32)
+    c = jnp.asarray(self.centres, jnp.float32)
+    s2 = HINT_SIGMA**2
+    ab_scale = 128.0  # the hints' colour is ab/128
+    return jnp.concatenate([c.T * ab_scale / s2, -jnp.sum(c * c, -1)[None] / (2 * s2)], axis=0)
 
 
 def model_from_config(config) -> Colorizer:
@@ -125,7 +188,13 @@ def model_from_config(config) -> Colorizer:
       dtype=DTYPES[config.model.dtype],
       polyphase_dec3=polyphase_dec3(config),
       materialize_conv_inputs=jax.default_backend() == 'cpu',
+      hints=uses_hints(config),
   )
+
+
+def uses_hints(config) -> bool:
+  """`model.hints` (a config saved before it existed: off)."""
+  return bool(config.model.get('hints', False))
 
 
 def polyphase_dec3(config) -> bool:
@@ -148,12 +217,19 @@ def init_variables(model: Colorizer, rng, image_size: int = 8):
 
 
 def make_predict(model: Colorizer, objective=None):
-  """jit(variables, L/100 (B, H, W, 1), embeddings (B, D)) -> ab/128 (B, H, W, 2), eval mode:
-  the model's output decoded by `objective` (losses.Objective; None: the output is ab/128)."""
+  """jit(variables, L/100 (B, H, W, 1), embeddings (B, D), hints=None, temperature=None) ->
+  ab/128 (B, H, W, 2), eval mode: the model's output decoded by `objective` (losses.Objective;
+  None: the output is ab/128). `hints` (B, H, W, 3): colorflax.hints' channels, for a model with
+  hints. `temperature`: the classification decoding's, instead of the objective's (an argument
+  of the compiled function: another value does not compile again)."""
 
-  def predict(variables, l_norm, emb):
-    output = model.apply(variables, l_norm, emb, train=False)
-    return output if objective is None else objective.decode(output)
+  def predict(variables, l_norm, emb, hints=None, temperature=None):
+    output = model.apply(variables, l_norm, emb, train=False, hints=hints)
+    if objective is None:
+      return output
+    if temperature is not None:
+      return dataclasses.replace(objective, temperature=temperature).decode(output)
+    return objective.decode(output)
 
   return jax.jit(predict)
 

@@ -189,7 +189,7 @@ class Epochs:
     self.config, self.plan, self.mngr, self.feeder, self.report = config, plan, mngr, feeder, report
     self.cache = cache
     self.train_chunk = train_step.make_train_chunk(model, tx, config, objective)
-    self.evaluate = train_step.make_evaluate(model, objective)
+    self.evaluate = train_step.make_evaluate(model, objective, config)
     self.predict = model_lib.make_predict(model, objective)
     self.step_plateau = train_step.plateau_step(plateau, config.learning_rate)
     masks = train_step.eval_masks(len(plan.val_rows), plan.eval_batch)
@@ -267,8 +267,8 @@ class Epochs:
   def validate(self, state):
     """The validation split's mean per-image metrics (train_step.make_evaluate)."""
     totals, in_flight = {}, device_pipeline.InFlight()  # a streamed split is not all read ahead
-    for mask, (tables, x) in zip(self.eval_masks, self.feeder.eval_batches()):
-      sums = self.evaluate(state.variables(), tables, x, mask)
+    for i, (mask, (tables, x)) in enumerate(zip(self.eval_masks, self.feeder.eval_batches())):
+      sums = self.evaluate(state.variables(), tables, x, mask, i)
       totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
       in_flight.add(sums)
     n = len(self.plan.val_rows)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from colorflax import device_pipeline, losses
+from colorflax import device_pipeline, hints, losses
 from colorflax import model as model_lib
 
 STEP_LOOPS = ('auto', 'device', 'host')  # config.step_loop
@@ -96,14 +96,19 @@ def _step_fn(model, tx, config, objective):
   aug = config.augment
   decay = config.get('ema_decay', 0.0)
 
+  hint_values = hints.config_values(config) if model.hints else None
+
   def one_step(state, tables, x):
     key = jax.random.fold_in(base_key, state.step)  # randomness is a function of the step
     images, emb = device_pipeline.gather(tables, x)
     l_norm, ab_norm, _ = device_pipeline.lab_batch(images, key, aug, train=True)
+    given = hints.simulate(key, ab_norm, *hint_values) if hint_values else None
 
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
-      output, updates = model.apply(variables, l_norm, emb, train=True, mutable=['batch_stats'])
+      output, updates = model.apply(
+          variables, l_norm, emb, train=True, hints=given, mutable=['batch_stats']
+      )
       return objective.batch_loss(output, ab_norm), updates['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -155,20 +160,29 @@ def make_train_chunk(model, tx, config, objective=None):
   return jax.jit(chunk, donate_argnums=(0,))
 
 
-def make_evaluate(model, objective=None):
-  """jit(variables, tables, x, mask (B,)) -> per-batch sums of validation's per-image metrics
-  (losses.image_metrics, the loss `objective`'s; x: as one step of make_train_chunk's xs).
+def make_evaluate(model, objective=None, config=None):
+  """jit(variables, tables, x, mask (B,), index) -> per-batch sums of validation's per-image
+  metrics (losses.image_metrics, the loss `objective`'s; x: as one step of make_train_chunk's
+  xs) for validation batch `index`.
+
+  A model with hints is validated with hints simulated as in training (`config.hints`), from
+  keys of (seed, batch index): the same ones every epoch.
 
   Called once per validation batch from Python (not a scan: see step_loop); the sums stay on
   the device and are added up there, so the host reads one number per metric per epoch.
   """
 
   objective = objective or losses.Objective()
+  hint_values = hints.config_values(config) if model.hints else None
+  base_key = jax.random.fold_in(jax.random.key(config.seed if config else 0), 0x7A1)
 
-  def evaluate(variables, tables, x, mask):
+  def evaluate(variables, tables, x, mask, index):
     images, emb = device_pipeline.gather(tables, x)
     l_norm, ab_norm, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    output = model.apply(variables, l_norm, emb, train=False)
+    given = None
+    if hint_values:
+      given = hints.simulate(jax.random.fold_in(base_key, index), ab_norm, *hint_values)
+    output = model.apply(variables, l_norm, emb, train=False, hints=given)
     loss = objective.per_image_loss(output, ab_norm)
     metrics = losses.image_metrics(objective.decode(output), l_norm, ab_norm, rgb, loss=loss)
     return {k: jnp.sum(v * mask) for k, v in metrics.items()}

@@ -46,6 +46,13 @@ def get_config():
   # dec3_0 with its upsampled half on the low-res grid (7.5 % fewer FLOPs, same function):
   # 'auto' (on a single CPU device), 'true' or 'false'.
   config.model.polyphase_dec3 = 'auto'
+  # Colour hints (colorflax.hints; Zhang et al. 2017): the model also takes points of known
+  # colour (colorize --hints, evaluate --hints), and training simulates a user giving them.
+  config.model.hints = False
+  config.hints = ml_collections.ConfigDict()
+  config.hints.p = 0.125  # points per training image ~ geometric: P(none) = p, mean (1 - p) / p
+  config.hints.max_points = 32  # at most this many (the step's static shape)
+  config.hints.max_patch = 9  # each a square patch of 1 to this many px a side, of its mean ab
 
   config.data.placement = (
       'auto'  # 'resident' (on the devices) | 'streaming' | 'auto' (resident if it fits)

@@ -62,3 +62,49 @@ def _small_disk(folder, kilobytes):
 def small_disk():
   """`with small_disk(folder, kilobytes) as folder:` a filesystem that fills up (_small_disk)."""
   return _small_disk
+
+
+# Real photographs the repository ships: the top row of docs/reference_example.jpg holds three
+# 160 px photos (a sunset, citrus slices, mountains).
+_PHOTO_SHEET = os.path.join(REPO, 'docs', 'reference_example.jpg')
+
+
+@pytest.fixture(scope='session')
+def real_photos(tmp_path_factory):
+  """Three 160 px photos (JPEG) and a 480x120 panorama (PNG) cut from a shipped image."""
+  from PIL import Image
+
+  folder = tmp_path_factory.mktemp('photos')
+  sheet = Image.open(_PHOTO_SHEET).convert('RGB')
+  paths = []
+  for i, box in enumerate([(160, 0, 320, 160), (320, 0, 480, 160), (480, 0, 640, 160)]):
+    paths.append(folder / f'photo{i}.jpg')
+    sheet.crop(box).save(paths[-1], quality=95)
+  paths.append(folder / 'panorama.png')
+  sheet.crop((160, 0, 640, 120)).save(paths[-1])
+  return paths
+
+
+@pytest.fixture(scope='session')
+def small_cache(tmp_path_factory):
+  """test_train's small synthetic features cache, shared by the modules that only need a run."""
+  from test_train import small_config
+
+  from colorflax import precompute_features
+
+  d = tmp_path_factory.mktemp('small-cache') / 'synthetic32'
+  precompute_features.precompute(small_config(d), progress=False)
+  return d
+
+
+@pytest.fixture(scope='session')
+def small_run(small_cache, tmp_path_factory):
+  """(workdir, its config): the seed model (mse) trained for one epoch on `small_cache`."""
+  from test_train import small_config
+
+  from colorflax import checkpoints, train
+
+  work = tmp_path_factory.mktemp('small-run') / 'run'
+  config = small_config(small_cache, num_epochs=1, samples_every_epochs=0)
+  train.train_and_evaluate(config, str(work), progress=False)
+  return work, checkpoints.read_config(str(work))

@@ -268,9 +268,9 @@ def test_evaluate_batches_follow_eval_batch_size(trained, monkeypatch):
 
   def recording(*args, **kwargs):
     fn = per_image_metrics(*args, **kwargs)
-    return lambda variables, images, embeddings: (
+    return lambda variables, images, *rest: (
         shapes.append(images.shape[0]),
-        fn(variables, images, embeddings),
+        fn(variables, images, *rest),
     )[1]
 
   monkeypatch.setattr(evaluate, 'per_image_metrics', recording)
@@ -474,7 +474,9 @@ def test_colorize_colours_line_up_with_the_whole_frame(trained, resize):
   config = config.copy_and_resolve_references()
   config.data.resize = resize
   predictor = colorizer.Colorizer(str(root / 'run'), config)
-  predictor._predict = lambda variables, l, emb: np.repeat(np.where(l > 0.5, 0.3, -0.3), 2, -1)
+  predictor._predict = lambda variables, l, emb, hints=None, temperature=None: np.repeat(
+      np.where(l > 0.5, 0.3, -0.3), 2, -1
+  )
   gray = np.full((40, 120), 0.2, np.float32)
   gray[:, :40] = 0.9
   model_input, inception_input = predictor.working_images(gray)

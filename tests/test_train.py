@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from colorflax import checkpoints, features_cache, precompute_features, reporting, signals
+from colorflax import checkpoints, features_cache, reporting, signals
 from colorflax import train, train_step
 from colorflax.errors import UserError
 from configs import quickstart
@@ -45,10 +45,8 @@ def small_config(cache_dir, **over):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('cache') / 'synthetic32'
-  precompute_features.precompute(small_config(d), progress=False)
-  return d
+def cache_dir(small_cache):
+  return small_cache  # conftest's, built once for every module that only reads it
 
 
 def _params(state):
