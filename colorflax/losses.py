@@ -47,7 +47,8 @@ def bin_centres() -> np.ndarray:
       ],
       -1,
   )
-  rgb = np.asarray(color.lab_to_rgb(lab.reshape(-1, 3), clip=False)).reshape(shape + (3,))
+  with jax.ensure_compile_time_eval():  # a constant, also when first asked for inside a jit
+    rgb = np.asarray(color.lab_to_rgb(lab.reshape(-1, 3), clip=False)).reshape(shape + (3,))
   inside = ((rgb >= 0) & (rgb <= 1)).all(-1).any((1, 2))
   return centres[inside]
 
@@ -120,9 +121,13 @@ class Objective:
     """The model's output -> ab/128 at the image's resolution (B, H, W, 2)."""
     if self.name != 'classification':
       return output
-    ab = annealed_mean(output, jnp.asarray(bin_centres()), self.temperature) / color.AB_SCALE
+    ab = self.decode_half(output)
     b, h, w, _ = ab.shape
     return jax.image.resize(ab, (b, 2 * h, 2 * w, 2), 'linear')
+
+  def decode_half(self, logits):
+    """The classification head's logits -> ab/128 on their own (half-resolution) grid."""
+    return annealed_mean(logits, jnp.asarray(bin_centres()), self.temperature) / color.AB_SCALE
 
   def _per_pixel(self, output, target):
     """The loss of each pixel (B, h, w) of the output's grid."""
