@@ -100,6 +100,8 @@ ENTRY_POINTS = [
     'precompute_features',
     'benchmark',
     'convert_torch',
+    'export',
+    'demo',
 ]
 
 
@@ -109,6 +111,9 @@ def test_help_lists_the_entry_points_flags(module):
     source = f.read()
   flags = re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source)
   flags += ['config'] if 'cli.define_config(' in source else []
+  if 'cli.define_workdir(' in source:  # --config, --workdir, --checkpoint, and --size if asked
+    flags += ['config', 'workdir', 'checkpoint']
+    flags += ['size'] if re.search(r'cli\.define_workdir\(\s*flags,\s*size_help=', source) else []
   flags += ['temperature'] if 'cli.define_temperature(' in source else []
   assert flags, f'{module} defines no flags?'
   as_module = [sys.executable, '-m', f'colorflax.{module}']
@@ -126,7 +131,9 @@ def test_help_lists_the_entry_points_flags(module):
     assert r.stdout.startswith(f'`python -m colorflax.{module}')  # its docstring comes first
     listed = re.findall(r'^  --(\w+):', r.stdout, re.MULTILINE)
     assert sorted(listed) == sorted(flags)
-    if 'for_workdir=True' in source:  # reads DIR/config.json: its --config file is never read
+    if (
+        'for_workdir=True' in source or 'cli.define_workdir(' in source
+    ):  # reads DIR/config.json: its --config file is never read
       config_line = re.search(r'^  --config: .*$', r.stdout, re.MULTILINE).group(0)
       assert 'config.json' in config_line and 'default.py' not in config_line, config_line
 

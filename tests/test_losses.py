@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from colorflax import checkpoints, fid, losses, metrics, precompute_features, train
+from colorflax import model as model_lib
 from colorflax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,3 +191,22 @@ def test_evaluate_reports_fid_with_the_weights_it_used(cache_dir, tmp_path):
   assert summary['fid_weights'].startswith('random(seed=')
   assert summary['fid'] >= 0 and summary['fid_gray'] >= 0
   assert 'FID' in evaluate.format_table(summary)
+
+
+def test_predict_takes_a_temperature_per_call_without_compiling_again():
+  # The demo's temperature slider: one compiled function for every value.
+  objective = losses.Objective(name='classification', temperature=0.38)
+  model = model_lib.Colorizer(width=0.125, classes=objective.classes)
+  variables = model_lib.init_variables(model, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  L = jnp.asarray(rng.uniform(0, 1, (1, 16, 16, 1)), jnp.float32)
+  emb = jnp.asarray(rng.normal(0, 1, (1, 1000)), jnp.float32)
+  predict = model_lib.make_predict(model, objective)
+  default = predict(variables, L, emb)
+  np.testing.assert_allclose(predict(variables, L, emb, None, 0.38), default, atol=1e-6)
+  vivid = predict(variables, L, emb, None, 0.05)
+  compiled = predict._cache_size()
+  safe = predict(variables, L, emb, None, 1.0)
+  assert predict._cache_size() == compiled
+  # Sharper distributions move the colour away from the safe mean.
+  assert float(jnp.abs(vivid - safe).max()) > 1e-3
