@@ -4,13 +4,20 @@ that colorizes photos with a trained model (Gradio).
 Drop or pick one or more photos, colour or grayscale: each is shown as grayscale | colorized |
 original (a colour photo is desaturated first, so the result can be compared with it), with a
 before/after slider for the first, and the colorized PNGs to download at their original size.
-A classification model gets a temperature slider. A file that cannot be used (not an image,
-too large, unreadable) gets a message on the page; the server keeps serving.
+A classification model gets a temperature slider. A model trained with colour hints
+(model.hints) gets a hints panel: click the first photo to place a point of the picked colour
+and see it colorized again, with the points as the JSON `colorize --hints` reads. A file that
+cannot be used (not an image, too large, unreadable) gets a message on the page; the server
+keeps serving.
 """
 
+import dataclasses
+import json
 import os
+import re
 import tempfile
 import traceback
+from typing import Any
 
 from absl import flags as absl_flags
 
@@ -19,10 +26,25 @@ from colorflax.errors import UserError
 
 TITLE = 'colorflax'
 DEFAULT_MAX_MEGAPIXELS = 50  # a 12-megapixel photo takes seconds on a CPU; 50 leaves room
+HINT_VIEW_SIDE = 1024  # the hints panel's photo, at most this long: clicks are scaled back
+DEFAULT_HINT_COLOUR = '#2e9e3e'  # a green: what a grayscale photo gives no clue of
+
+
+@dataclasses.dataclass
+class Result:
+  """What `Demo.colorize` gives the page."""
+
+  gallery: list  # [(image, caption)]: grayscale, colorized, original of each photo
+  slider: Any  # (grayscale, colorized) of the first photo, or None
+  downloads: list  # the colorized PNGs
+  message: str
+  hint_state: dict  # the hints panel's (Demo.hint_state): the first photo, no points yet
+  hint_view: Any  # the first photo colorized, as the hints panel shows it, or None
 
 
 class Demo:
-  """The page's work, apart from Gradio: `colorize(paths, temperature)` -> what the page shows."""
+  """The page's work, apart from Gradio: `colorize(paths, temperature)` -> what the page shows;
+  for a model with hints, `add_hint`, `undo_hint` and `clear_hints` on the first photo."""
 
   def __init__(self, predictor, max_pixels, output_dir):
     self.predictor = predictor
@@ -30,30 +52,38 @@ class Demo:
     self.output_dir = output_dir
     objective = predictor.objective
     self.temperature = objective.temperature if objective.name == 'classification' else None
+    self.hints = bool(predictor.model.hints)
 
-  def colorize_one(self, path, temperature=None):
-    """(grayscale, colorized, original) uint8 RGB arrays, and the PNG written; SkipImage."""
+  def colorize_one(self, path, temperature=None, points=None):
+    """(grayscale, colorized, original) uint8 RGB arrays, and the PNG written; SkipImage.
+    `points`: colour hints as in `colorize --hints` JSON ([{"x", "y", "rgb"}], the photo's
+    pixels), for a model with hints; a bad one is a UserError."""
     import numpy as np
     from PIL import Image
 
-    from colorflax import colorizer
+    from colorflax import colorizer, hints
 
     if os.path.getsize(path) == 0:
       raise image_io.SkipImage('empty file')
     rgb = np.asarray(image_io.load_rgb(path, self.max_pixels))
     gray, lightness = colorizer.gray_and_lightness(rgb)
-    ab = self.predictor.colorize_batch([gray], temperature=temperature)[0]
+    channels = None
+    if points:
+      parsed = hints.parse_points({'points': points}, 'hints')
+      channels = [self.predictor.hint_channels(parsed, gray, os.path.basename(path))]
+    ab = self.predictor.colorize_batch([gray], hint_channels=channels, temperature=temperature)[0]
     colorized = colorizer.recombine(lightness, ab)
     gray_rgb = np.repeat((gray * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
-    name = os.path.splitext(os.path.basename(path))[0] + '_colorized.png'
+    suffix = '_hinted.png' if points else '_colorized.png'
+    name = os.path.splitext(os.path.basename(path))[0] + suffix
     folder = tempfile.mkdtemp(dir=self.output_dir)  # one per result: names never collide
     out = os.path.join(folder, name)
     Image.fromarray(colorized).save(out)
     return (gray_rgb, colorized, rgb), out
 
   def colorize(self, paths, temperature=None):
-    """(gallery [(image, caption)], slider (gray, colorized) or None, downloads, message)."""
-    gallery, downloads, problems, slider = [], [], [], None
+    """A Result: each photo's grayscale, colorized and original, and the hints panel's start."""
+    gallery, downloads, problems, slider, first = [], [], [], None, None
     for path in paths or []:
       name = os.path.basename(path)
       try:
@@ -71,14 +101,114 @@ class Demo:
       gallery += [(gray, f'{name}: grayscale'), (colorized, f'{name}: colorized')]
       gallery.append((original, f'{name}: original'))
       downloads.append(out)
-      slider = slider or (gray, colorized)
+      if slider is None:
+        slider, first = (gray, colorized), (path, colorized)
     if not paths:
       message = 'Drop or pick one or more photos, then press Colorize.'
     else:
       message = f'Colorized {len(downloads)} of {len(paths)} file(s).'
     if problems:
       message += '\n\n' + '\n\n'.join(problems)
-    return gallery, slider, downloads, message
+    state, view = self.hint_state(None), None
+    if first is not None:
+      state = self.hint_state(first[0], first[1].shape[:2])
+      view = hint_view(first[1], [], state['scale'])
+    return Result(gallery, slider, downloads, message, state, view)
+
+  @staticmethod
+  def hint_state(path, shape=None):
+    """The hints panel's state: the photo hints apply to, its hints, and the view's scale."""
+    scale = 1.0 if shape is None else min(1.0, HINT_VIEW_SIDE / max(shape))
+    return {'path': path, 'points': [], 'scale': scale}
+
+  def hinted(self, state, temperature=None):
+    """The hints panel's photo colorized with its hints: (view with the points marked,
+    slider (grayscale, colorized), PNG, the hints as `colorize --hints` JSON, message)."""
+    path, points = state['path'], state['points']
+    if not self.hints:
+      return None, None, None, '', 'This model was trained without colour hints (model.hints).'
+    if path is None:
+      return None, None, None, '', 'Colorize a photo first, then click on it to place hints.'
+    name = os.path.basename(path)
+    try:
+      (gray, colorized, _), out = self.colorize_one(path, temperature, points)
+    except (image_io.SkipImage, OSError, UserError) as e:
+      return None, None, None, '', f'**{name}**: {e}'
+    except Exception as e:  # as in colorize: a message, and the server keeps serving
+      traceback.print_exc()
+      return None, None, None, '', f'**{name}**: failed ({type(e).__name__}: {e})'
+    text = json.dumps({'points': points}, indent=1)
+    count = f'{len(points)} hint' + ('' if len(points) == 1 else 's')
+    return (
+        hint_view(colorized, points, state['scale']),
+        (gray, colorized),
+        out,
+        text,
+        f'{name}: colorized with {count}. Click the photo to add one, in the picked colour.',
+    )
+
+  def add_hint(self, state, xy, colour, temperature=None):
+    """(state with a hint of `colour` at `xy`, a pixel of the hints panel's view, `hinted`'s
+    outputs...). A colour that cannot be read, or a point the photo refuses, leaves the state as
+    it was, with a message."""
+    if state['path'] is None or not self.hints:
+      return (state, *self.hinted(state, temperature))
+    try:
+      rgb = hex_colour(colour)
+    except UserError as e:
+      return (state, *self.hinted(state, temperature)[:4], str(e))
+    x, y = (int(v / state['scale']) for v in xy)  # the view's pixel -> the photo's
+    added = {**state, 'points': state['points'] + [{'x': x, 'y': y, 'rgb': rgb}]}
+    outputs = self.hinted(added, temperature)
+    return (state if outputs[0] is None else added, *outputs)
+
+  def undo_hint(self, state, temperature=None):
+    """`add_hint`'s outputs with the last hint taken away."""
+    state = {**state, 'points': state['points'][:-1]}
+    return (state, *self.hinted(state, temperature))
+
+  def clear_hints(self, state, temperature=None):
+    """`add_hint`'s outputs with no hints."""
+    state = {**state, 'points': []}
+    return (state, *self.hinted(state, temperature))
+
+
+_SHORT_HEX = re.compile(r'#[0-9a-f]{3}')
+_HEX = re.compile(r'#[0-9a-f]{6}(?:[0-9a-f]{2})?')
+_RGB_FUNCTION = re.compile(r'rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(?:,[^)]*)?\)')
+
+
+def hex_colour(value):
+  """A colour picker's value ('#rgb', '#rrggbb', '#rrggbbaa', 'rgb(r, g, b)' or 'rgba(...)') as
+  '#rrggbb'; UserError if it is none of them."""
+  v = str(value or '').strip().lower()
+  if _SHORT_HEX.fullmatch(v):
+    v = '#' + ''.join(c * 2 for c in v[1:])
+  if _HEX.fullmatch(v):
+    return v[:7]
+  match = _RGB_FUNCTION.fullmatch(v)
+  if match:
+    return '#' + ''.join(f'{min(255, round(float(c))):02x}' for c in match.groups())
+  raise UserError(f'not a colour: {value!r} (expected #rrggbb)')
+
+
+def hint_view(colorized, points, scale):
+  """The hints panel's picture: `colorized` (H, W, 3) uint8 scaled by `scale`, each hint a dot
+  of its colour ringed in white and black so that it shows on any background."""
+  import numpy as np
+  from PIL import Image, ImageDraw
+
+  image = Image.fromarray(colorized)
+  if scale < 1:
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+  draw = ImageDraw.Draw(image)
+  r = max(3, round(min(image.size) / 60))
+  for p in points:
+    x, y = (p['x'] + 0.5) * scale, (p['y'] + 0.5) * scale
+    draw.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), outline='black', width=1)
+    draw.ellipse((x - r, y - r, x + r, y + r), fill=p['rgb'], outline='white', width=1)
+  return np.asarray(image)
 
 
 def build_page(demo):
@@ -112,11 +242,55 @@ def build_page(demo):
         downloads = gr.File(
             label='Colorized, original size (PNG)', file_count='multiple', elem_id='downloads'
         )
+    hint_outputs = []
+    if demo.hints:  # the model was trained to follow colour hints
+      state = gr.State(demo.hint_state(None))
+      with gr.Group():
+        gr.Markdown(
+            '### Colour hints\nClick the first photo where you know its colour: a point of the '
+            'picked colour is placed there and the photo is colorized again. The points are '
+            'below as the JSON `colorize --hints` reads.'
+        )
+        with gr.Row():
+          with gr.Column(scale=1):
+            colour = gr.ColorPicker(DEFAULT_HINT_COLOUR, label='Hint colour', elem_id='hint-colour')
+            undo = gr.Button('Undo the last hint', elem_id='undo-hint')
+            clear = gr.Button('Clear the hints', elem_id='clear-hints')
+            hinted_file = gr.File(label='Colorized with these hints (PNG)', elem_id='hinted')
+            points = gr.Code(language='json', label='Hints (JSON)', elem_id='hint-json')
+          with gr.Column(scale=2):
+            view = gr.Image(
+                label='Click to place a hint (the first photo)',
+                type='numpy',
+                interactive=False,
+                elem_id='hint-view',
+            )
+      hint_outputs = [state, view, slider, hinted_file, points, message]
+
+    def temperature_of(t):
+      return t if demo.temperature is not None else None
 
     def run(paths, t):
-      return demo.colorize(paths, t if demo.temperature is not None else None)
+      r = demo.colorize(paths, temperature_of(t))
+      hints_panel = [r.hint_state, r.hint_view, None, ''] if demo.hints else []
+      return [r.gallery, r.slider, r.downloads, r.message] + hints_panel
 
-    button.click(run, inputs=[files, temperature], outputs=[gallery, slider, downloads, message])
+    outputs = [gallery, slider, downloads, message]
+    if demo.hints:
+      outputs += [state, view, hinted_file, points]  # a new first photo: no hints yet
+    button.click(run, inputs=[files, temperature], outputs=outputs)
+    if demo.hints:
+
+      def place(hint_state, picked, t, evt: gr.SelectData):
+        return demo.add_hint(hint_state, evt.index, picked, temperature_of(t))
+
+      view.select(place, inputs=[state, colour, temperature], outputs=hint_outputs)
+      undo.click(
+          lambda s, t: demo.undo_hint(s, temperature_of(t)), [state, temperature], hint_outputs
+      )
+      clear.click(
+          lambda s, t: demo.clear_hints(s, temperature_of(t)), [state, temperature], hint_outputs
+      )
   return page
 
 

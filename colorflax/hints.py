@@ -167,19 +167,24 @@ def read_points(path):
     raise UserError(f'hints {path}: {e.strerror or e}') from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f'hints {path}: not JSON ({e})') from None
+  return parse_points(data, f'hints {path}')
+
+
+def parse_points(data, where='hints'):
+  """`read_points` of the JSON's value `data` ({"points": [...]}); errors start with `where`."""
   if not isinstance(data, dict) or not isinstance(data.get('points'), list):
-    raise UserError(f'hints {path}: expected {{"points": [{{"x": X, "y": Y, "rgb": "#rrggbb"}}]}}')
+    raise UserError(f'{where}: expected {{"points": [{{"x": X, "y": Y, "rgb": "#rrggbb"}}]}}')
   points = []
   for i, p in enumerate(data['points']):
-    where = f'hints {path}: point {i}'
+    at = f'{where}: point {i}'
     if not isinstance(p, dict) or set(p) - {'x', 'y', 'rgb'} or not {'x', 'y', 'rgb'} <= set(p):
-      raise UserError(f'{where}: expected {{"x": X, "y": Y, "rgb": "#rrggbb"}}, got {p!r}')
+      raise UserError(f'{at}: expected {{"x": X, "y": Y, "rgb": "#rrggbb"}}, got {p!r}')
     x, y, rgb = p['x'], p['y'], p['rgb']
     for name, v in (('x', x), ('y', y)):
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-        raise UserError(f'{where}: {name} must be a number of pixels, got {v!r}')
+        raise UserError(f'{at}: {name} must be a number of pixels, got {v!r}')
     if not isinstance(rgb, str) or not _RGB.match(rgb):
-      raise UserError(f'{where}: rgb must be a colour as #rrggbb, got {rgb!r}')
+      raise UserError(f'{at}: rgb must be a colour as #rrggbb, got {rgb!r}')
     unit = np.array([int(rgb[k : k + 2], 16) for k in (1, 3, 5)], np.float32) / 255.0
     ab = np.asarray(color.rgb_to_lab(unit[None]))[0, 1:]
     points.append((float(x), float(y), ab))

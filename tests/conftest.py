@@ -108,3 +108,18 @@ def small_run(small_cache, tmp_path_factory):
   config = small_config(small_cache, num_epochs=1, samples_every_epochs=0)
   train.train_and_evaluate(config, str(work), progress=False)
   return work, checkpoints.read_config(str(work))
+
+
+@pytest.fixture(scope='session')
+def hinted_run(small_cache, tmp_path_factory):
+  """(workdir, its config): a colour-hints model (model.hints) trained on `small_cache` long
+  enough to follow hints."""
+  from test_train import small_config
+
+  from colorflax import train
+
+  work = tmp_path_factory.mktemp('hinted') / 'run'
+  over = {'model.hints': True, 'samples_every_epochs': 0, 'num_epochs': 12, 'learning_rate': 3e-3}
+  config = small_config(small_cache, **over)
+  train.train_and_evaluate(config, str(work), progress=False)
+  return work, config

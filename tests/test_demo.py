@@ -1,6 +1,7 @@
 """`colorflax.demo`, tested in a real browser: Debian's headless Chromium driven by Selenium."""
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -31,9 +32,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def server(small_run, tmp_path_factory):
-  work, _ = small_run
+def _serve(work, tmp_path_factory):
+  """(url, process, log) of `colorflax.demo` serving `work`, once it answers."""
   port = _free_port()
   log = open(tmp_path_factory.mktemp('demo') / 'server.log', 'w+')
   process = subprocess.Popen(
@@ -53,10 +53,27 @@ def server(small_run, tmp_path_factory):
       assert process.poll() is None, f'the demo exited: {log.read()[-3000:]}'
       assert time.time() < deadline, f'the demo did not answer: {log.read()[-3000:]}'
       time.sleep(1)
-  yield url, process, log
+  return url, process, log
+
+
+def _stop(process, log):
   process.terminate()
   process.wait(30)
   log.close()
+
+
+@pytest.fixture(scope='module')
+def server(small_run, tmp_path_factory):
+  url, process, log = _serve(small_run[0], tmp_path_factory)
+  yield url, process, log
+  _stop(process, log)
+
+
+@pytest.fixture(scope='module')
+def hints_server(hinted_run, tmp_path_factory):
+  url, process, log = _serve(hinted_run[0], tmp_path_factory)
+  yield url, process, log
+  _stop(process, log)
 
 
 @pytest.fixture(scope='module')
@@ -123,6 +140,16 @@ def _upload_and_colorize(driver, url, paths):
   return message, links
 
 
+def _png(url):
+  return np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(url, timeout=30).read())))
+
+
+def _greener(rgb):
+  """How much greener than grey: G over the mean of R and B."""
+  rgb = np.asarray(rgb, np.float32)
+  return rgb[..., 1] - (rgb[..., 0] + rgb[..., 2]) / 2
+
+
 def test_a_photo_uploaded_in_chromium_comes_back_colorized_at_its_size_and_lightness(
     server, browser, real_photos, tmp_path
 ):
@@ -168,9 +195,118 @@ def test_the_demo_page_work_reports_each_bad_file_and_keeps_the_good_ones(small_
   Image.fromarray(rgb).resize((300, 200)).save(tmp_path / 'big.png')  # over 30,000 pixels
   (tmp_path / 'empty.jpg').write_bytes(b'')
   paths = [str(tmp_path / n) for n in ('cmyk.jpg', 'deep.png', 'big.png', 'empty.jpg')]
-  gallery, slider, downloads, message = page.colorize(paths)
+  result = page.colorize(paths)
+  gallery, slider, downloads, message = (
+      result.gallery,
+      result.slider,
+      result.downloads,
+      result.message,
+  )
   assert 'Colorized 2 of 4' in message
   assert 'big.png**: too large' in message and 'empty.jpg**: empty file' in message
   assert len(gallery) == 6 and len(downloads) == 2 and slider is not None
   assert Image.open(downloads[1]).size == (160, 160)
   assert Image.open(tmp_path / 'deep.png').mode.startswith('I')  # it was a 16-bit file
+  assert not page.hints and result.hint_state['path'] == str(tmp_path / 'cmyk.jpg')
+  # A model trained without hints has no hints panel, and says so if asked.
+  assert 'without colour hints' in page.add_hint(result.hint_state, (3, 3), '#00c000')[-1]
+
+
+@pytest.mark.parametrize(
+    'value, expected',
+    [
+        ('#2E9E3E', '#2e9e3e'),
+        ('#0c0', '#00cc00'),
+        ('#00c000ff', '#00c000'),
+        ('rgb(0, 192, 0)', '#00c000'),
+        ('rgba(255, 0, 12.4, 0.5)', '#ff000c'),
+    ],
+)
+def test_the_colour_pickers_value_becomes_a_hints_rgb(value, expected):
+  assert demo.hex_colour(value) == expected
+
+
+def test_a_colour_that_is_not_one_is_a_message_and_the_hints_stay(
+    hinted_run, real_photos, tmp_path
+):
+  work, config = hinted_run
+  page = demo.Demo(colorizer.Colorizer(str(work), config), 10**7, str(tmp_path))
+  start = page.colorize([str(real_photos[0])]).hint_state
+  state, *_, message = page.add_hint(start, (5, 5), 'greenish')
+  assert state == start and message == "not a colour: 'greenish' (expected #rrggbb)"
+
+
+def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(hinted_run, tmp_path):
+  work, config = hinted_run
+  page = demo.Demo(colorizer.Colorizer(str(work), config), 10**7, str(tmp_path))
+  assert page.hints
+  # A photo larger than the panel: the panel shows it at half size, clicks are scaled back.
+  sheet = Image.open(os.path.join(REPO, 'docs', 'reference_example.jpg')).convert('RGB')
+  photo = tmp_path / 'wide.png'
+  sheet.crop((0, 160, 800, 360)).resize((2048, 512)).save(photo)  # mid-tones
+  result = page.colorize([str(photo)])
+  assert result.hint_view.shape == (256, 1024, 3)
+  assert result.hint_state == {'path': str(photo), 'points': [], 'scale': 0.5}
+  plain = np.asarray(Image.open(result.downloads[0]))
+
+  state, view, slider, out, text, message = page.add_hint(result.hint_state, (100, 128), '#00c000')
+  assert state['points'] == [{'x': 200, 'y': 256, 'rgb': '#00c000'}]
+  assert json.loads(text) == {'points': state['points']}  # what colorize --hints reads
+  assert 'with 1 hint.' in message and os.path.basename(out) == 'wide_hinted.png'
+  np.testing.assert_array_equal(view[128, 100], [0, 192, 0])  # the dot, in the hint's colour
+  hinted = np.asarray(Image.open(out))
+  assert hinted.shape == plain.shape == (512, 2048, 3)
+  np.testing.assert_array_equal(slider[1], hinted)
+  near = np.s_[248:265, 192:209]
+  assert _greener(hinted[near]).mean() > _greener(plain[near]).mean() + 2
+
+  state, *_ = page.add_hint(state, (1000, 5), 'rgb(255, 0, 0)')
+  assert state['points'][-1] == {'x': 2000, 'y': 10, 'rgb': '#ff0000'}
+  # A point off the photo (a click cannot give one; a bad scale could) is refused, not kept.
+  kept, *_, message = page.add_hint(state, (1030, 5), '#ff0000')
+  assert kept == state and 'point 2 at (2060, 10) is outside the 2048x512 image' in message
+  state, *_, message = page.undo_hint(state)
+  assert len(state['points']) == 1 and 'with 1 hint.' in message
+  state, view, _, out, text, message = page.clear_hints(state)
+  assert state['points'] == [] and json.loads(text) == {'points': []} and 'with 0 hints' in message
+  np.testing.assert_array_equal(np.asarray(Image.open(out)), plain)  # as without hints
+
+
+def test_a_click_on_the_photo_in_chromium_places_a_hint_and_greens_it_there(
+    hints_server, browser, tmp_path
+):
+  from selenium.webdriver.common.action_chains import ActionChains
+  from selenium.webdriver.common.by import By
+
+  url, process, log = hints_server
+  photo = tmp_path / 'field.jpg'  # 160 x 160, mid-tones at its centre
+  sheet = Image.open(os.path.join(REPO, 'docs', 'reference_example.jpg')).convert('RGB')
+  sheet.crop((0, 160, 160, 320)).save(photo, quality=95)
+  message, links = _upload_and_colorize(browser, url, [photo])
+  assert 'Colorized 1 of 1' in message
+  plain = _png(links[0])
+  view = _wait(
+      browser, lambda d: d.find_element(By.CSS_SELECTOR, '#hint-view img'), 'the hints panel'
+  )
+  ActionChains(browser).move_to_element(view).click().perform()  # the photo's centre
+  message = _wait(
+      browser,
+      lambda d: (t := d.find_element(By.ID, 'message').text) and 'with 1 hint' in t and t,
+      'the photo colorized with the hint',
+  )
+  link = _wait(
+      browser,
+      lambda d: d.find_element(By.CSS_SELECTOR, '#hinted a[data-testid=download-link]'),
+      'the hinted PNG',
+  ).get_attribute('href')
+  hinted = _png(link)
+  assert hinted.shape == plain.shape == (160, 160, 3)
+  # The point is where the click was, in the picker's default colour.
+  text = browser.find_element(By.ID, 'hint-json').text
+  [point] = json.loads(text[text.index('{') :])['points']
+  assert abs(point['x'] - 80) <= 2 and abs(point['y'] - 80) <= 2, point
+  assert point['rgb'] == demo.DEFAULT_HINT_COLOUR
+  near = np.s_[72:89, 72:89]
+  assert _greener(hinted[near]).mean() > _greener(plain[near]).mean() + 2
+  log.seek(0)
+  assert 'Traceback' not in log.read() and process.poll() is None

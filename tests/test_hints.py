@@ -32,15 +32,6 @@ def cache_dir(small_cache):
   return small_cache  # conftest's, built once for every module that only reads it
 
 
-@pytest.fixture(scope='module')
-def hinted_run(cache_dir, tmp_path_factory):
-  """A hints model trained on the synthetic data (long enough to follow hints)."""
-  work = tmp_path_factory.mktemp('hinted') / 'run'
-  config = _hinted(cache_dir, num_epochs=12, learning_rate=3e-3)
-  train.train_and_evaluate(config, str(work), progress=False)
-  return work, config
-
-
 def _batch(seed=0, b=2, size=32):
   rng = np.random.default_rng(seed)
   L = jnp.asarray(rng.uniform(0, 1, (b, size, size, 1)), jnp.float32)
