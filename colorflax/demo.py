@@ -3,12 +3,12 @@ that colorizes photos with a trained model (Gradio).
 
 Drop or pick one or more photos, colour or grayscale: each is shown as grayscale | colorized |
 original (a colour photo is desaturated first, so the result can be compared with it), with a
-before/after slider for the first, and the colorized PNGs to download at their original size.
-A classification model gets a temperature slider. A model trained with colour hints
-(model.hints) gets a hints panel: click the first photo to place a point of the picked colour
-and see it colorized again, with the points as the JSON `colorize --hints` reads. A file that
-cannot be used (not an image, too large, unreadable) gets a message on the page; the server
-keeps serving.
+before/after slider for the first (or the one picked in the gallery), and the colorized PNGs to
+download at their original size. A classification model gets a temperature slider. A model
+trained with colour hints (model.hints) gets a hints panel: click the photo to place a point of
+the picked colour and see it colorized again, with the points as the JSON `colorize --hints`
+reads. A file that cannot be used (not an image, too large, unreadable) gets a message on the
+page; the server keeps serving.
 """
 
 import dataclasses
@@ -38,13 +38,15 @@ class Result:
   slider: Any  # (grayscale, colorized) of the first photo, or None
   downloads: list  # the colorized PNGs
   message: str
+  paths: list  # the photos colorized, in the gallery's order (three images each)
   hint_state: dict  # the hints panel's (Demo.hint_state): the first photo, no points yet
   hint_view: Any  # the first photo colorized, as the hints panel shows it, or None
 
 
 class Demo:
   """The page's work, apart from Gradio: `colorize(paths, temperature)` -> what the page shows;
-  for a model with hints, `add_hint`, `undo_hint` and `clear_hints` on the first photo."""
+  `choose` puts another of those photos in the slider (and the hints panel); for a model with
+  hints, `add_hint`, `undo_hint` and `clear_hints` on the chosen photo."""
 
   def __init__(self, predictor, max_pixels, output_dir):
     self.predictor = predictor
@@ -83,7 +85,7 @@ class Demo:
 
   def colorize(self, paths, temperature=None):
     """A Result: each photo's grayscale, colorized and original, and the hints panel's start."""
-    gallery, downloads, problems, slider, first = [], [], [], None, None
+    gallery, downloads, problems, slider, first, done = [], [], [], None, None, []
     for path in paths or []:
       name = os.path.basename(path)
       try:
@@ -101,6 +103,7 @@ class Demo:
       gallery += [(gray, f'{name}: grayscale'), (colorized, f'{name}: colorized')]
       gallery.append((original, f'{name}: original'))
       downloads.append(out)
+      done.append(path)
       if slider is None:
         slider, first = (gray, colorized), (path, colorized)
     if not paths:
@@ -113,7 +116,7 @@ class Demo:
     if first is not None:
       state = self.hint_state(first[0], first[1].shape[:2])
       view = hint_view(first[1], [], state['scale'])
-    return Result(gallery, slider, downloads, message, state, view)
+    return Result(gallery, slider, downloads, message, done, state, view)
 
   @staticmethod
   def hint_state(path, shape=None):
@@ -122,24 +125,27 @@ class Demo:
     return {'path': path, 'points': [], 'scale': scale}
 
   def hinted(self, state, temperature=None):
-    """The hints panel's photo colorized with its hints: (view with the points marked,
-    slider (grayscale, colorized), PNG, the hints as `colorize --hints` JSON, message)."""
+    """The chosen photo colorized with its hints: (state, the hints panel's view with the
+    points marked (None without hints), slider (grayscale, colorized), PNG, the hints as
+    `colorize --hints` JSON, message)."""
     path, points = state['path'], state['points']
-    if not self.hints:
-      return None, None, None, '', 'This model was trained without colour hints (model.hints).'
     if path is None:
-      return None, None, None, '', 'Colorize a photo first, then click on it to place hints.'
+      return state, None, None, None, '', 'Colorize a photo first, then click on it to place hints.'
     name = os.path.basename(path)
     try:
       (gray, colorized, _), out = self.colorize_one(path, temperature, points)
     except (image_io.SkipImage, OSError, UserError) as e:
-      return None, None, None, '', f'**{name}**: {e}'
+      return state, None, None, None, '', f'**{name}**: {e}'
     except Exception as e:  # as in colorize: a message, and the server keeps serving
       traceback.print_exc()
-      return None, None, None, '', f'**{name}**: failed ({type(e).__name__}: {e})'
+      return state, None, None, None, '', f'**{name}**: failed ({type(e).__name__}: {e})'
+    if not self.hints:
+      return state, None, (gray, colorized), out, '', f'{name}: colorized.'
+    state = self.hint_state(path, colorized.shape[:2]) | {'points': points}
     text = json.dumps({'points': points}, indent=1)
     count = f'{len(points)} hint' + ('' if len(points) == 1 else 's')
     return (
+        state,
         hint_view(colorized, points, state['scale']),
         (gray, colorized),
         out,
@@ -147,32 +153,38 @@ class Demo:
         f'{name}: colorized with {count}. Click the photo to add one, in the picked colour.',
     )
 
+  def choose(self, path, temperature=None):
+    """Photo `path` (one of `colorize`'s) in the slider and the hints panel, with no hints:
+    `hinted`'s outputs."""
+    return self.hinted(self.hint_state(path), temperature)
+
   def add_hint(self, state, xy, colour, temperature=None):
-    """(state with a hint of `colour` at `xy`, a pixel of the hints panel's view, `hinted`'s
-    outputs...). A colour that cannot be read, or a point the photo refuses, leaves the state as
-    it was, with a message."""
-    if state['path'] is None or not self.hints:
-      return (state, *self.hinted(state, temperature))
+    """`hinted`'s outputs with a hint of `colour` at `xy`, a pixel of the hints panel's view,
+    added. A colour that cannot be read, or a point the photo refuses, leaves the state as it
+    was, with a message."""
+    if not self.hints:
+      return state, None, None, None, '', WITHOUT_HINTS
+    if state['path'] is None:
+      return self.hinted(state, temperature)
     try:
       rgb = hex_colour(colour)
     except UserError as e:
-      return (state, *self.hinted(state, temperature)[:4], str(e))
+      return (*self.hinted(state, temperature)[:5], str(e))
     x, y = (int(v / state['scale']) for v in xy)  # the view's pixel -> the photo's
     added = {**state, 'points': state['points'] + [{'x': x, 'y': y, 'rgb': rgb}]}
     outputs = self.hinted(added, temperature)
-    return (state if outputs[0] is None else added, *outputs)
+    return outputs if outputs[1] is not None else (state, *outputs[1:])
 
   def undo_hint(self, state, temperature=None):
-    """`add_hint`'s outputs with the last hint taken away."""
-    state = {**state, 'points': state['points'][:-1]}
-    return (state, *self.hinted(state, temperature))
+    """`hinted`'s outputs with the last hint taken away."""
+    return self.hinted({**state, 'points': state['points'][:-1]}, temperature)
 
   def clear_hints(self, state, temperature=None):
-    """`add_hint`'s outputs with no hints."""
-    state = {**state, 'points': []}
-    return (state, *self.hinted(state, temperature))
+    """`hinted`'s outputs with no hints."""
+    return self.hinted({**state, 'points': []}, temperature)
 
 
+WITHOUT_HINTS = 'This model was trained without colour hints (model.hints).'
 _SHORT_HEX = re.compile(r'#[0-9a-f]{3}')
 _HEX = re.compile(r'#[0-9a-f]{6}(?:[0-9a-f]{2})?')
 _RGB_FUNCTION = re.compile(r'rgba?\(\s*([\d.]+)\s*,\s*([\d.]+)\s*,\s*([\d.]+)\s*(?:,[^)]*)?\)')
@@ -236,20 +248,23 @@ def build_page(demo):
         message = gr.Markdown(elem_id='message')
       with gr.Column(scale=2):
         slider = gr.ImageSlider(
-            label='Before / after (the first photo)', type='numpy', elem_id='slider'
+            label='Before / after (the first photo, or the one picked in the gallery)',
+            type='numpy',
+            elem_id='slider',
         )
         gallery = gr.Gallery(label='Grayscale | colorized | original', columns=3, elem_id='gallery')
         downloads = gr.File(
             label='Colorized, original size (PNG)', file_count='multiple', elem_id='downloads'
         )
-    hint_outputs = []
+    colorized_paths = gr.State([])  # the gallery's photos, three images each
     if demo.hints:  # the model was trained to follow colour hints
       state = gr.State(demo.hint_state(None))
       with gr.Group():
         gr.Markdown(
-            '### Colour hints\nClick the first photo where you know its colour: a point of the '
-            'picked colour is placed there and the photo is colorized again. The points are '
-            'below as the JSON `colorize --hints` reads.'
+            '### Colour hints\nClick the photo where you know its colour: a point of the picked '
+            'colour is placed there and the photo is colorized again. Pick another photo in the '
+            'gallery to hint it instead. The points are below as the JSON `colorize --hints` '
+            'reads.'
         )
         with gr.Row():
           with gr.Column(scale=1):
@@ -260,7 +275,7 @@ def build_page(demo):
             points = gr.Code(language='json', label='Hints (JSON)', elem_id='hint-json')
           with gr.Column(scale=2):
             view = gr.Image(
-                label='Click to place a hint (the first photo)',
+                label='Click to place a hint',
                 type='numpy',
                 interactive=False,
                 elem_id='hint-view',
@@ -273,12 +288,19 @@ def build_page(demo):
     def run(paths, t):
       r = demo.colorize(paths, temperature_of(t))
       hints_panel = [r.hint_state, r.hint_view, None, ''] if demo.hints else []
-      return [r.gallery, r.slider, r.downloads, r.message] + hints_panel
+      return [r.gallery, r.slider, r.downloads, r.message, r.paths] + hints_panel
 
-    outputs = [gallery, slider, downloads, message]
+    outputs = [gallery, slider, downloads, message, colorized_paths]
     if demo.hints:
       outputs += [state, view, hinted_file, points]  # a new first photo: no hints yet
     button.click(run, inputs=[files, temperature], outputs=outputs)
+
+    def pick(paths, t, evt: gr.SelectData):
+      chosen = demo.choose(paths[evt.index // 3], temperature_of(t))
+      return chosen if demo.hints else [chosen[2], chosen[5]]  # the slider and the message
+
+    picked = hint_outputs if demo.hints else [slider, message]
+    gallery.select(pick, inputs=[colorized_paths, temperature], outputs=picked)
     if demo.hints:
 
       def place(hint_state, picked, t, evt: gr.SelectData):

@@ -208,6 +208,11 @@ def test_the_demo_page_work_reports_each_bad_file_and_keeps_the_good_ones(small_
   assert Image.open(downloads[1]).size == (160, 160)
   assert Image.open(tmp_path / 'deep.png').mode.startswith('I')  # it was a 16-bit file
   assert not page.hints and result.hint_state['path'] == str(tmp_path / 'cmyk.jpg')
+  assert result.paths == paths[:2]
+  # A photo picked in the gallery goes into the slider; a model without hints has no panel.
+  _, view, slider, out, _, message = page.choose(result.paths[1])
+  assert view is None and message == 'deep.png: colorized.'
+  assert slider[1].shape == (160, 160, 3) and Image.open(out).size == (160, 160)
   # A model trained without hints has no hints panel, and says so if asked.
   assert 'without colour hints' in page.add_hint(result.hint_state, (3, 3), '#00c000')[-1]
 
@@ -242,9 +247,10 @@ def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(hi
   assert page.hints
   # A photo larger than the panel: the panel shows it at half size, clicks are scaled back.
   sheet = Image.open(os.path.join(REPO, 'docs', 'reference_example.jpg')).convert('RGB')
-  photo = tmp_path / 'wide.png'
+  photo, small = tmp_path / 'wide.png', tmp_path / 'small.png'
   sheet.crop((0, 160, 800, 360)).resize((2048, 512)).save(photo)  # mid-tones
-  result = page.colorize([str(photo)])
+  sheet.crop((0, 160, 160, 320)).save(small)
+  result = page.colorize([str(photo), str(small)])
   assert result.hint_view.shape == (256, 1024, 3)
   assert result.hint_state == {'path': str(photo), 'points': [], 'scale': 0.5}
   plain = np.asarray(Image.open(result.downloads[0]))
@@ -270,9 +276,13 @@ def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(hi
   state, view, _, out, text, message = page.clear_hints(state)
   assert state['points'] == [] and json.loads(text) == {'points': []} and 'with 0 hints' in message
   np.testing.assert_array_equal(np.asarray(Image.open(out)), plain)  # as without hints
+  # Another photo picked in the gallery: the panel moves to it, at its own scale, with no hints.
+  state, view, slider, *_ = page.choose(result.paths[1])
+  assert state == {'path': str(small), 'points': [], 'scale': 1.0}
+  assert view.shape == slider[1].shape == (160, 160, 3)
 
 
-def test_a_click_on_the_photo_in_chromium_places_a_hint_and_greens_it_there(
+def test_a_click_on_a_photo_in_chromium_places_a_hint_and_greens_it_there(
     hints_server, browser, tmp_path
 ):
   from selenium.webdriver.common.action_chains import ActionChains
@@ -282,8 +292,10 @@ def test_a_click_on_the_photo_in_chromium_places_a_hint_and_greens_it_there(
   photo = tmp_path / 'field.jpg'  # 160 x 160, mid-tones at its centre
   sheet = Image.open(os.path.join(REPO, 'docs', 'reference_example.jpg')).convert('RGB')
   sheet.crop((0, 160, 160, 320)).save(photo, quality=95)
-  message, links = _upload_and_colorize(browser, url, [photo])
-  assert 'Colorized 1 of 1' in message
+  second = tmp_path / 'roofs.jpg'
+  sheet.crop((320, 0, 480, 160)).save(second, quality=95)
+  message, links = _upload_and_colorize(browser, url, [photo, second])
+  assert 'Colorized 2 of 2' in message
   plain = _png(links[0])
   view = _wait(
       browser, lambda d: d.find_element(By.CSS_SELECTOR, '#hint-view img'), 'the hints panel'
@@ -308,5 +320,13 @@ def test_a_click_on_the_photo_in_chromium_places_a_hint_and_greens_it_there(
   assert point['rgb'] == demo.DEFAULT_HINT_COLOUR
   near = np.s_[72:89, 72:89]
   assert _greener(hinted[near]).mean() > _greener(plain[near]).mean() + 2
+  # The second photo's grayscale picked in the gallery: the panel moves to it, with no hints.
+  browser.find_element(By.CSS_SELECTOR, '#gallery [aria-label="Thumbnail 4 of 6"]').click()
+  _wait(
+      browser,
+      lambda d: 'roofs.jpg: colorized with 0 hints' in d.find_element(By.ID, 'message').text,
+      'the second photo in the hints panel',
+  )
+  assert '"points": []' in browser.find_element(By.ID, 'hint-json').text
   log.seek(0)
   assert 'Traceback' not in log.read() and process.poll() is None
