@@ -227,10 +227,14 @@ def override_values(flags) -> dict:
   return config_flags.get_override_values(flags['config'])
 
 
-def load_workdir_config(flags, workdir):
-  """A workdir's recorded config, with this command line's --config.x=... overrides applied."""
+def load_workdir_config(flags):
+  """--workdir's recorded config (define_workdir's flags), with this command line's
+  --config.x=... overrides applied."""
   from colorflax import checkpoints
 
+  workdir = flags.workdir
+  if not workdir:
+    raise UserError('--workdir is required')
   if flags['config'].present:  # only its fields are used, but a wrong file is still a mistake
     if problem := config_file_problem(flags['config'].config_filename):
       raise UserError(problem)

@@ -296,11 +296,8 @@ def colorize(
   # A bad file is refused before the model loads.
   shared_points = hints.read_points(hints_file) if hints_file else None
   predictor = colorizer_lib.Colorizer(workdir, config, which, size, inception_weights, temperature)
-  if (hints_file or hints_dir) and not predictor.model.hints:
-    raise UserError(
-        f'--hints: {workdir} was trained without colour hints (model.hints); colorize without '
-        'them, or train a model with --config.model.hints=true'
-    )
+  if hints_file or hints_dir:
+    hints.require(predictor.model, workdir)
   if reference:
     predictor.use_reference(reference)
   # Once the model, its checkpoint and --size are known good: a refused run leaves no folder.
@@ -400,13 +397,11 @@ def define_flags(flags):
 
 
 def main(argv, flags):
-  if not flags.workdir:
-    raise UserError('--workdir is required')
   if not flags.output:
     raise UserError('--output is required')
   if len(argv) < 2:
     raise UserError('give at least one input image or folder')
-  config = cli.load_workdir_config(flags, flags.workdir)
+  config = cli.load_workdir_config(flags)
   json_path = cli.output_file(flags.json, 'json')
   if json_path:
     files.check_writable(os.path.dirname(json_path), 'json')

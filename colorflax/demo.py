@@ -12,6 +12,7 @@ page; the server keeps serving.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -55,6 +56,21 @@ class Demo:
     objective = predictor.objective
     self.temperature = objective.temperature if objective.name == 'classification' else None
     self.hints = bool(predictor.model.hints)
+    # The last photo read: clicks on the hints panel colorize it again without decoding it again.
+    self._photo = functools.lru_cache(maxsize=1)(self._read_photo)
+
+  def _read_photo(self, path):
+    """(uint8 RGB, its grayscale in [0, 1], that grayscale's L*, its embedding (1, D))."""
+    import numpy as np
+
+    from colorflax import colorizer
+
+    if os.path.getsize(path) == 0:
+      raise image_io.SkipImage('empty file')
+    rgb = np.asarray(image_io.load_rgb(path, self.max_pixels))
+    gray, lightness = colorizer.gray_and_lightness(rgb)
+    embedding = self.predictor.embed([self.predictor.working_images(gray)[1]])
+    return rgb, gray, lightness, embedding
 
   def colorize_one(self, path, temperature=None, points=None):
     """(grayscale, colorized, original) uint8 RGB arrays, and the PNG written; SkipImage.
@@ -65,15 +81,12 @@ class Demo:
 
     from colorflax import colorizer, hints
 
-    if os.path.getsize(path) == 0:
-      raise image_io.SkipImage('empty file')
-    rgb = np.asarray(image_io.load_rgb(path, self.max_pixels))
-    gray, lightness = colorizer.gray_and_lightness(rgb)
+    rgb, gray, lightness, embedding = self._photo(path)
     channels = None
     if points:
       parsed = hints.parse_points({'points': points}, 'hints')
       channels = [self.predictor.hint_channels(parsed, gray, os.path.basename(path))]
-    ab = self.predictor.colorize_batch([gray], hint_channels=channels, temperature=temperature)[0]
+    ab = self.predictor.colorize_batch([gray], embedding, channels, temperature)[0]
     colorized = colorizer.recombine(lightness, ab)
     gray_rgb = np.repeat((gray * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
     suffix = '_hinted.png' if points else '_colorized.png'
@@ -389,9 +402,7 @@ def define_flags(flags):
 def main(argv, flags):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.workdir:
-    raise UserError('--workdir is required')
-  config = cli.load_workdir_config(flags, flags.workdir)
+  config = cli.load_workdir_config(flags)
   serve(
       flags.workdir,
       config,

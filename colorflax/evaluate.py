@@ -108,11 +108,8 @@ def evaluate(
   devices = jax.devices()
   mesh = distributed.data_mesh(devices)
   model, variables, step = checkpoints.restore_for_inference(workdir, config, which, mesh)
-  if hint_count and not model.hints:
-    raise UserError(
-        f'--hints: {workdir} was trained without colour hints (model.hints); train one with '
-        '--config.model.hints=true'
-    )
+  if hint_count:
+    hints.require(model, workdir)
   rows = split_rows(cache, config, split)
   # As training's validation: eval_batch_size, else the training batch; rounded up to split
   # evenly over this machine's devices, which need not be the training run's.
@@ -252,9 +249,7 @@ def define_flags(flags):
 def main(argv, flags):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.workdir:
-    raise UserError('--workdir is required')
-  config = cli.load_workdir_config(flags, flags.workdir)
+  config = cli.load_workdir_config(flags)
   # Every output is checked before the work, so that none fails after it.
   json_path = cli.output_file(flags.json, 'json')
   csv_path = cli.output_file(flags.per_image, 'per_image')

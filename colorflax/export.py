@@ -281,11 +281,9 @@ def define_flags(flags):
 def main(argv, flags):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.workdir:
-    raise UserError('--workdir is required')
   if not flags.output:
     raise UserError('--output is required')
-  config = cli.load_workdir_config(flags, flags.workdir)
+  config = cli.load_workdir_config(flags)
   weights = cli.inception_weights_override(flags, config)
   meta = export(
       flags.workdir,

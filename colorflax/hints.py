@@ -148,6 +148,15 @@ def revealed(seed, rows, ab_norm, count, max_patch=9):
   return sample(keys, ab_norm, counts, count, max_patch)
 
 
+def require(model, workdir):
+  """--hints (of colorize or evaluate) need a model trained with them: else one line."""
+  if not model.hints:
+    raise UserError(
+        f'--hints: {workdir} was trained without colour hints (model.hints); use a model trained '
+        'with --config.model.hints=true'
+    )
+
+
 def config_values(config):
   """(p, max_points, max_patch) of `config.hints`, the training simulation's parameters."""
   h = config.get('hints', {}) or {}

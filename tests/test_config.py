@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from colorflax import cli, config_validation
-from colorflax.errors import ConfigError
+from colorflax.errors import ConfigError, UserError
 from configs import default, quickstart
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -370,3 +370,13 @@ def test_every_shipped_config_is_valid_and_the_photos_one_is_what_it_says(name):
         0.99,
         0.38,
     )
+
+
+def test_a_command_that_reads_a_run_says_when_its_workdir_is_missing():
+  from absl import flags as absl_flags
+
+  flags = absl_flags.FlagValues()
+  cli.define_workdir(flags)
+  flags(['colorflax'])
+  with pytest.raises(UserError, match='^--workdir is required$'):
+    cli.load_workdir_config(flags)

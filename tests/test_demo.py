@@ -241,8 +241,15 @@ def test_a_colour_that_is_not_one_is_a_message_and_the_hints_stay(
   assert state == start and message == "not a colour: 'greenish' (expected #rrggbb)"
 
 
-def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(hinted_run, tmp_path):
+def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(
+    hinted_run, tmp_path, monkeypatch
+):
   work, config = hinted_run
+  reads = []
+  load_rgb = demo.image_io.load_rgb
+  monkeypatch.setattr(
+      demo.image_io, 'load_rgb', lambda path, *a: reads.append(path) or load_rgb(path, *a)
+  )
   page = demo.Demo(colorizer.Colorizer(str(work), config), 10**7, str(tmp_path))
   assert page.hints
   # A photo larger than the panel: the panel shows it at half size, clicks are scaled back.
@@ -276,6 +283,8 @@ def test_the_hints_panel_puts_a_point_where_clicked_and_the_colour_follows_it(hi
   state, view, _, out, text, message = page.clear_hints(state)
   assert state['points'] == [] and json.loads(text) == {'points': []} and 'with 0 hints' in message
   np.testing.assert_array_equal(np.asarray(Image.open(out)), plain)  # as without hints
+  # Each photo was decoded once for the gallery; the clicks decoded the wide one once more.
+  assert reads == [str(photo), str(small), str(photo)]
   # Another photo picked in the gallery: the panel moves to it, at its own scale, with no hints.
   state, view, slider, *_ = page.choose(result.paths[1])
   assert state == {'path': str(small), 'points': [], 'scale': 1.0}
