@@ -1,0 +1,143 @@
+"""What colour costs in PSNR: a run's predicted ab scaled by a gain, on a cache of held-out photos.
+
+  python benchmarks/photos/frontier.py RUN_DIR CACHE_DIR [--fit_cache TRAIN_CACHE] [--target -5]
+
+Prints PSNR and colourfulness (evaluate's, per image, then averaged) of the run's colours scaled
+at each pixel's own L (ab -> g * ab):
+- 'gain g': one gain for every image; the row marked with the delta is the smallest reaching it;
+- 'predicted colourfulness' (with --fit_cache): each image's gain set so its colourfulness is
+  s times a prediction of its truth's, a ridge regression on the run's own colourfulness, L's mean
+  and spread and 4 principal components of the embedding, fitted on TRAIN_CACHE (the run's
+  training photos); s is the smallest reaching the delta, as for the global gain;
+- 'oracle, each at truth + target': each image's gain set from its true colourfulness: what a
+  perfect prediction of it would give;
+- 'oracle, best allocation': each image's gain chosen, knowing the truth, for the highest mean
+  PSNR at that mean delta (an upper bound of any per-image gain; it also knows which images'
+  colours are wrong, and grays them).
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
+from colorflax import checkpoints, color, device_pipeline, distributed, features_cache  # noqa: E402
+from colorflax import losses, metrics  # noqa: E402
+
+GAINS = np.round(np.arange(0.0, 6.001, 0.05), 2)
+
+
+def predictions(workdir, cache_dir):
+  """(L/100, predicted ab/128, true rgb) of every image of the cache, by the run's best
+  checkpoint."""
+  config = checkpoints.read_config(workdir)
+  config.data.cache_dir = cache_dir
+  cache = features_cache.open_cache(cache_dir)
+  mesh = distributed.data_mesh(jax.devices()[:1])
+  model, variables, _ = checkpoints.restore_for_inference(workdir, config, 'best', mesh)
+  objective = losses.objective(config)
+
+  @jax.jit
+  def fn(images, embeddings):
+    l_norm, _, rgb = device_pipeline.lab_batch(images, None, None, train=False)
+    output = model.apply(variables, l_norm, embeddings, train=False)
+    return l_norm, objective.decode(output), rgb
+
+  outs = [
+      fn(np.asarray(cache.images[i : i + 16]), np.asarray(cache.embeddings[i : i + 16], np.float32))
+      for i in range(0, cache.num_images, 16)
+  ]
+  return [np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3)]
+
+
+@jax.jit
+def _scored(l_norm, ab, rgb, gains):
+  """PSNR and colourfulness (G, B) of each image's ab times each gain."""
+
+  def one(g):
+    rebuilt = color.lab_norm_to_rgb(l_norm, g * ab)
+    return metrics.psnr(rebuilt, rgb), metrics.colorfulness(rebuilt)
+
+  return jax.lax.map(one, gains)
+
+
+def scores(workdir, cache_dir):
+  """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,) and
+  what predicts it: the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings."""
+  l_norm, ab, rgb = predictions(workdir, cache_dir)
+  psnr, colour = (np.asarray(x, np.float64) for x in _scored(l_norm, ab, rgb, jnp.asarray(GAINS)))
+  truth = np.asarray(metrics.colorfulness(jnp.asarray(rgb)), np.float64)
+  own = colour[int(np.argmin(np.abs(GAINS - 1.0)))]
+  stats = np.stack([np.log1p(own), l_norm.mean((1, 2, 3)), l_norm.std((1, 2, 3))], 1)
+  embeddings = np.asarray(features_cache.open_cache(cache_dir).embeddings, np.float64)
+  return psnr, colour, truth, stats, embeddings
+
+
+def colourfulness_predictor(stats, embeddings, truth, components=4, ridge=10.0):
+  """(stats, embeddings) -> predicted true colourfulness: a ridge regression of log(1 + M3)."""
+  mean = embeddings.mean(0)
+  _, s, vt = np.linalg.svd(embeddings - mean, full_matrices=False)
+  basis = vt[:components].T / (s[:components] / np.sqrt(len(embeddings)))
+  design = lambda st, e: np.c_[np.ones(len(st)), st, (e - mean) @ basis]
+  x = design(stats, embeddings)
+  w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ np.log1p(truth))
+  return lambda st, e: np.expm1(design(st, e) @ w)
+
+
+def at_least(colour, targets):
+  """Each image's smallest gain (its index in GAINS) whose colourfulness reaches its target, or
+  the largest gain."""
+  return np.array(
+      [
+          (np.nonzero(colour[:, i] >= t)[0][:1].tolist() or [len(GAINS) - 1])[0]
+          for i, t in enumerate(targets)
+      ]
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('workdir')
+  parser.add_argument('cache_dir')
+  parser.add_argument('--fit_cache', help="the run's training photos' cache, to predict from")
+  parser.add_argument('--target', type=float, default=-5.0, help='mean colourfulness delta')
+  args = parser.parse_args()
+  psnr, colour, truth, stats, embeddings = scores(args.workdir, args.cache_dir)
+  n, images = len(truth), np.arange(len(truth))
+  print(f'{n} images of {args.cache_dir}; truth colourfulness {truth.mean():.1f}')
+  print(f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}')
+
+  def row(name, pick):
+    c = colour[pick, images].mean()
+    print(f'{name:<40}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}')
+
+  def reaches(pick):
+    return colour[pick, images].mean() - truth.mean() >= args.target
+
+  for g in (0.0, 1.0, 1.5, 2.0, 2.5, 3.0):
+    row(f'gain {g}', np.full(n, np.argmin(np.abs(GAINS - g))))
+  k = next((k for k in range(len(GAINS)) if reaches(np.full(n, k))), None)
+  if k is not None:
+    row(f'gain {GAINS[k]} (delta {args.target:+g})', np.full(n, k))
+  if args.fit_cache:
+    _, _, fit_truth, fit_stats, fit_embeddings = scores(args.workdir, args.fit_cache)
+    predicted = colourfulness_predictor(fit_stats, fit_embeddings, fit_truth)(stats, embeddings)
+    r = np.corrcoef(predicted, truth)[0, 1]
+    for s in np.arange(0.5, 3.001, 0.05):
+      if reaches(pick := at_least(colour, s * predicted)):
+        row(f'predicted colourfulness x {s:.2f} (r {r:.2f})', pick)
+        break
+  row(f'oracle, each at truth {args.target:+g}', at_least(colour, truth + args.target))
+  # The highest mean PSNR at the delta over per-image gains: a Lagrange multiplier on colour.
+  for lam in np.geomspace(1e-4, 1e2, 400):
+    if reaches(pick := np.argmax(psnr + lam * colour, axis=0)):
+      row('oracle, best allocation', pick)
+      break
+
+
+if __name__ == '__main__':
+  main()
