@@ -355,19 +355,20 @@ def serve(
   from colorflax import colorizer
 
   predictor = colorizer.Colorizer(workdir, config, which, size, inception_weights)
-  output_dir = tempfile.mkdtemp(prefix='colorflax-demo-')
-  demo = Demo(predictor, int(max_megapixels * 1e6), output_dir)
-  page = build_page(demo)
-  # System fonts: the default theme's web fonts would be fetched from Google on every load.
-  theme = gr.themes.Default(
-      font=['ui-sans-serif', 'system-ui', 'sans-serif'], font_mono=['ui-monospace', 'monospace']
-  )
-  print(f'colorflax demo: {workdir} (step {predictor.step}) on http://{host}:{port}', flush=True)
-  page.queue(default_concurrency_limit=1)  # one model, one request at a time
-  try:
-    _launch(page, host, port, theme, output_dir, max_megapixels)
-  except OSError as e:  # Gradio's "Cannot find empty port in range"
-    raise UserError(f'--port {port}: cannot serve on {host}:{port} ({e})') from None
+  # The results the page offers for download, until it stops: then they go with it.
+  with tempfile.TemporaryDirectory(prefix='colorflax-demo-') as output_dir:
+    demo = Demo(predictor, int(max_megapixels * 1e6), output_dir)
+    page = build_page(demo)
+    # System fonts: the default theme's web fonts would be fetched from Google on every load.
+    theme = gr.themes.Default(
+        font=['ui-sans-serif', 'system-ui', 'sans-serif'], font_mono=['ui-monospace', 'monospace']
+    )
+    print(f'colorflax demo: {workdir} (step {predictor.step}) on http://{host}:{port}', flush=True)
+    page.queue(default_concurrency_limit=1)  # one model, one request at a time
+    try:
+      _launch(page, host, port, theme, output_dir, max_megapixels)
+    except OSError as e:  # Gradio's "Cannot find empty port in range"
+      raise UserError(f'--port {port}: cannot serve on {host}:{port} ({e})') from None
 
 
 def _launch(page, host, port, theme, output_dir, max_megapixels):

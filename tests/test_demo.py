@@ -33,15 +33,19 @@ def _free_port():
 
 
 def _serve(work, tmp_path_factory):
-  """(url, process, log) of `colorflax.demo` serving `work`, once it answers."""
+  """(url, process, log) of `colorflax.demo` serving `work`, once it answers; its temporary
+  files go to `process.tmpdir`."""
   port = _free_port()
   log = open(tmp_path_factory.mktemp('demo') / 'server.log', 'w+')
+  tmpdir = tmp_path_factory.mktemp('demo-tmp')
   process = subprocess.Popen(
       [sys.executable, '-m', 'colorflax.demo', f'--workdir={work}', f'--port={port}'],
       cwd=REPO,
       stdout=log,
       stderr=subprocess.STDOUT,
+      env={**os.environ, 'TMPDIR': str(tmpdir)},
   )
+  process.tmpdir = tmpdir
   url = f'http://127.0.0.1:{port}/'
   deadline = time.time() + TIMEOUT
   while True:
@@ -57,8 +61,13 @@ def _serve(work, tmp_path_factory):
 
 
 def _stop(process, log):
+  """Stops the server as a user would (kill, a scheduler's SIGTERM), checking that the results
+  it offered for download went with it."""
   process.terminate()
   process.wait(30)
+  log.seek(0)
+  left = [p.name for p in process.tmpdir.glob('colorflax-demo-*')]
+  assert not left, f'the stopped demo left its results behind: {left}\n{log.read()[-3000:]}'
   log.close()
 
 
