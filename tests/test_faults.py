@@ -358,7 +358,7 @@ def test_a_second_build_of_the_same_cache_is_refused(ctx, tmp_path):
       '--config',
       ctx.config,
       f'--config.data.cache_dir={tmp_path}/cache',
-      '--config.data.synthetic_images=200',
+      '--config.data.synthetic_images=48',
   ]
   first = _start('precompute_features', args)
   progress = os.path.join(
@@ -367,7 +367,13 @@ def test_a_second_build_of_the_same_cache_is_refused(ctx, tmp_path):
   deadline = time.time() + 120
   while time.time() < deadline and not os.path.exists(progress):
     time.sleep(0.05)
-  second = _run('precompute_features', args)
+  # Paused mid-build (its lock held), so that it is still building whatever the second's start-up
+  # takes; then it goes on, undisturbed, to the end.
+  first.send_signal(signal.SIGSTOP)
+  try:
+    second = _run('precompute_features', args)
+  finally:
+    first.send_signal(signal.SIGCONT)
   _assert_one_line('precompute_features', second, fragment=f'is in use by process {first.pid}')
   first.communicate(timeout=300)
-  assert first.returncode == 0 and features_cache.open_cache(tmp_path / 'cache').num_images == 200
+  assert first.returncode == 0 and features_cache.open_cache(tmp_path / 'cache').num_images == 48
