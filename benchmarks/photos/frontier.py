@@ -9,11 +9,13 @@ at each pixel's own L (ab -> g * ab):
   s times a prediction of its truth's, a ridge regression on the run's own colourfulness, L's mean
   and spread and 4 principal components of the embedding, fitted on TRAIN_CACHE (the run's
   training photos); s is the smallest reaching the delta, as for the global gain;
-- 'oracle, each at truth + target': each image's gain set from its true colourfulness: what a
+- 'oracle, its true colourfulness': the same, from each image's true colourfulness: what a
   perfect prediction of it would give;
 - 'oracle, best allocation': each image's gain chosen, knowing the truth, for the highest mean
   PSNR at that mean delta (an upper bound of any per-image gain; it also knows which images'
   colours are wrong, and grays them).
+With --fid, the global gains' rows also give FID to the true images, on the Inception network
+the cache's features came from (as `evaluate` computes it).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from colorflax import checkpoints, color, device_pipeline, distributed, features_cache  # noqa: E402
+from colorflax import fid as fid_lib  # noqa: E402
 from colorflax import losses, metrics  # noqa: E402
 
 GAINS = np.round(np.arange(0.0, 6.001, 0.05), 2)
@@ -66,15 +69,33 @@ def _scored(l_norm, ab, rgb, gains):
 
 
 def scores(workdir, cache_dir):
-  """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,) and
-  what predicts it: the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings."""
+  """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,),
+  what predicts it (the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings),
+  and `render(g)`: the images as uint8 RGB at gain g."""
   l_norm, ab, rgb = predictions(workdir, cache_dir)
   psnr, colour = (np.asarray(x, np.float64) for x in _scored(l_norm, ab, rgb, jnp.asarray(GAINS)))
   truth = np.asarray(metrics.colorfulness(jnp.asarray(rgb)), np.float64)
   own = colour[int(np.argmin(np.abs(GAINS - 1.0)))]
   stats = np.stack([np.log1p(own), l_norm.mean((1, 2, 3)), l_norm.std((1, 2, 3))], 1)
   embeddings = np.asarray(features_cache.open_cache(cache_dir).embeddings, np.float64)
-  return psnr, colour, truth, stats, embeddings
+  render = lambda g: np.asarray(color.lab_norm_to_rgb(l_norm, g * ab) * 255 + 0.5).astype(np.uint8)
+  return psnr, colour, truth, stats, embeddings, render
+
+
+def fid_to_truth(cache_dir):
+  """images (uint8 RGB) -> their FID to the cache's images, on the cache's Inception network."""
+  from colorflax import inception
+
+  cache = features_cache.open_cache(cache_dir)
+  features = fid_lib.Features(*inception.load_for_cache(cache.manifest, cache.directory))
+  features.add('truth', np.asarray(cache.images[:]))
+
+  def fid(images):
+    name = f'images {len(features.sets)}'
+    features.add(name, images)
+    return fid_lib.frechet_distance(features[name], features['truth'])
+
+  return fid
 
 
 def colourfulness_predictor(stats, embeddings, truth, components=4, ridge=10.0):
@@ -105,15 +126,22 @@ def main():
   parser.add_argument('cache_dir')
   parser.add_argument('--fit_cache', help="the run's training photos' cache, to predict from")
   parser.add_argument('--target', type=float, default=-5.0, help='mean colourfulness delta')
+  parser.add_argument('--fid', action='store_true', help="also the global gains' FID")
   args = parser.parse_args()
-  psnr, colour, truth, stats, embeddings = scores(args.workdir, args.cache_dir)
+  psnr, colour, truth, stats, embeddings, render = scores(args.workdir, args.cache_dir)
+  fid = fid_to_truth(args.cache_dir) if args.fid else None
   n, images = len(truth), np.arange(len(truth))
   print(f'{n} images of {args.cache_dir}; truth colourfulness {truth.mean():.1f}')
-  print(f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}')
+  print(
+      f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}{"FID" if fid else "":>10}'
+  )
 
   def row(name, pick):
     c = colour[pick, images].mean()
-    print(f'{name:<40}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}')
+    line = f'{name:<40}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}'
+    if fid and len(set(pick)) == 1:  # one gain for every image
+      line += f'{fid(render(GAINS[pick[0]])):>10.0f}'
+    print(line)
 
   def reaches(pick):
     return colour[pick, images].mean() - truth.mean() >= args.target
@@ -123,15 +151,19 @@ def main():
   k = next((k for k in range(len(GAINS)) if reaches(np.full(n, k))), None)
   if k is not None:
     row(f'gain {GAINS[k]} (delta {args.target:+g})', np.full(n, k))
+  # Each image's gain set so that its colourfulness is s times a guess of its truth's: predicted
+  # (with --fit_cache), and the truth itself, what a perfect prediction would give.
+  guesses = [('oracle, its true colourfulness', truth)]
   if args.fit_cache:
-    _, _, fit_truth, fit_stats, fit_embeddings = scores(args.workdir, args.fit_cache)
+    _, _, fit_truth, fit_stats, fit_embeddings, _ = scores(args.workdir, args.fit_cache)
     predicted = colourfulness_predictor(fit_stats, fit_embeddings, fit_truth)(stats, embeddings)
     r = np.corrcoef(predicted, truth)[0, 1]
+    guesses.insert(0, (f'predicted colourfulness (r {r:.2f})', predicted))
+  for name, guess in guesses:
     for s in np.arange(0.5, 3.001, 0.05):
-      if reaches(pick := at_least(colour, s * predicted)):
-        row(f'predicted colourfulness x {s:.2f} (r {r:.2f})', pick)
+      if reaches(pick := at_least(colour, s * guess)):
+        row(f'{name} x {s:.2f}', pick)
         break
-  row(f'oracle, each at truth {args.target:+g}', at_least(colour, truth + args.target))
   # The highest mean PSNR at the delta over per-image gains: a Lagrange multiplier on colour.
   for lam in np.geomspace(1e-4, 1e2, 400):
     if reaches(pick := np.argmax(psnr + lam * colour, axis=0)):
