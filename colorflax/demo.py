@@ -348,15 +348,18 @@ def serve(
 ):
   """Loads the model and serves the page until interrupted. `inception_weights` overrides the
   features' recorded weights (None: the record), as in colorize."""
-  _require_gradio()
-  os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
-  import gradio as gr
-
-  from colorflax import colorizer
-
-  predictor = colorizer.Colorizer(workdir, config, which, size, inception_weights)
-  # The results the page offers for download, until it stops: then they go with it.
+  # What the page keeps on disk goes when it stops: the results it offers for download, and
+  # Gradio's copies of the uploaded photos (unless GRADIO_TEMP_DIR says where those go; Gradio
+  # reads it on import).
   with tempfile.TemporaryDirectory(prefix='colorflax-demo-') as output_dir:
+    os.environ.setdefault('GRADIO_TEMP_DIR', os.path.join(output_dir, 'gradio'))
+    _require_gradio()
+    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
+    import gradio as gr
+
+    from colorflax import colorizer
+
+    predictor = colorizer.Colorizer(workdir, config, which, size, inception_weights)
     demo = Demo(predictor, int(max_megapixels * 1e6), output_dir)
     page = build_page(demo)
     # System fonts: the default theme's web fonts would be fetched from Google on every load.

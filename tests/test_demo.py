@@ -62,11 +62,12 @@ def _serve(work, tmp_path_factory):
 
 def _stop(process, log):
   """Stops the server as a user would (kill, a scheduler's SIGTERM), checking that the results
-  it offered for download went with it."""
+  it offered for download, and the photos uploaded to it, went with it."""
   process.terminate()
   process.wait(30)
   log.seek(0)
   left = [p.name for p in process.tmpdir.glob('colorflax-demo-*')]
+  left += [p.name for p in process.tmpdir.glob('gradio')]  # its copies of the uploaded photos
   assert not left, f'the stopped demo left its results behind: {left}\n{log.read()[-3000:]}'
   log.close()
 
