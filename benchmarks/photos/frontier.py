@@ -30,31 +30,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 from colorflax import checkpoints, color, device_pipeline, distributed, features_cache  # noqa: E402
 from colorflax import fid as fid_lib  # noqa: E402
 from colorflax import losses, metrics  # noqa: E402
+from colorflax import model as model_lib  # noqa: E402
 
 GAINS = np.round(np.arange(0.0, 6.001, 0.05), 2)
 
 
 def predictions(workdir, cache_dir):
-  """(L/100, predicted ab/128, true rgb) of every image of the cache, by the run's best
-  checkpoint."""
+  """(L/100, predicted ab/128, true rgb, embeddings) of every image of the cache, by the run's
+  best checkpoint."""
   config = checkpoints.read_config(workdir)
-  config.data.cache_dir = cache_dir
   cache = features_cache.open_cache(cache_dir)
   mesh = distributed.data_mesh(jax.devices()[:1])
   model, variables, _ = checkpoints.restore_for_inference(workdir, config, 'best', mesh)
-  objective = losses.objective(config)
-
-  @jax.jit
-  def fn(images, embeddings):
-    l_norm, _, rgb = device_pipeline.lab_batch(images, None, None, train=False)
-    output = model.apply(variables, l_norm, embeddings, train=False)
-    return l_norm, objective.decode(output), rgb
-
-  outs = [
-      fn(np.asarray(cache.images[i : i + 16]), np.asarray(cache.embeddings[i : i + 16], np.float32))
-      for i in range(0, cache.num_images, 16)
-  ]
-  return [np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3)]
+  predict = model_lib.make_predict(model, losses.objective(config))
+  images, embeddings = np.asarray(cache.images[:]), np.asarray(cache.embeddings[:], np.float32)
+  l_norm, _, rgb = (np.asarray(x) for x in device_pipeline.lab_batch(images, None, None, False))
+  ab = np.concatenate(
+      [
+          predict(variables, l_norm[i : i + 16], embeddings[i : i + 16])
+          for i in range(0, len(images), 16)
+      ]
+  )
+  return l_norm, ab, rgb, embeddings.astype(np.float64)
 
 
 @jax.jit
@@ -72,12 +69,11 @@ def scores(workdir, cache_dir):
   """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,),
   what predicts it (the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings),
   and `render(g)`: the images as uint8 RGB at gain g."""
-  l_norm, ab, rgb = predictions(workdir, cache_dir)
+  l_norm, ab, rgb, embeddings = predictions(workdir, cache_dir)
   psnr, colour = (np.asarray(x, np.float64) for x in _scored(l_norm, ab, rgb, jnp.asarray(GAINS)))
   truth = np.asarray(metrics.colorfulness(jnp.asarray(rgb)), np.float64)
   own = colour[int(np.argmin(np.abs(GAINS - 1.0)))]
   stats = np.stack([np.log1p(own), l_norm.mean((1, 2, 3)), l_norm.std((1, 2, 3))], 1)
-  embeddings = np.asarray(features_cache.open_cache(cache_dir).embeddings, np.float64)
   render = lambda g: np.asarray(color.lab_norm_to_rgb(l_norm, g * ab) * 255 + 0.5).astype(np.uint8)
   return psnr, colour, truth, stats, embeddings, render
 
@@ -132,9 +128,8 @@ def main():
   fid = fid_to_truth(args.cache_dir) if args.fid else None
   n, images = len(truth), np.arange(len(truth))
   print(f'{n} images of {args.cache_dir}; truth colourfulness {truth.mean():.1f}')
-  print(
-      f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}{"FID" if fid else "":>10}'
-  )
+  header = f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}'
+  print(header + (f'{"FID":>10}' if fid else ''))
 
   def row(name, pick):
     c = colour[pick, images].mean()
