@@ -3,9 +3,12 @@ or a correct recovery; nothing lost; and the command run again ends where an uni
 would.
 
 The matrix: every entry point (ENTRY_POINTS; a new one joins with one line) x every fault
-(FAULTS). Each cell runs the real command in its own process, on a tiny config."""
+(FAULTS), on a tiny config. Faults of the disk and signals run the real command in its own
+process; bad input, refused before any work, runs the same `cli.run` in this one (a Python
+start-up is 3 s, most of such a cell's time)."""
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -13,12 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from colorflax import checkpoints, features_cache, precompute_features, train
+from colorflax import checkpoints, cli, features_cache, precompute_features, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -163,6 +167,25 @@ def _run(entry, args, timeout=300):
   )
 
 
+def _run_here(entry, args, capsys, monkeypatch):
+  """The command run in this process, as `python -m colorflax.ENTRY ARGS` runs it: its module's
+  `cli.run(main, define_flags)`, from the repository (the config files import `configs`)."""
+  module = importlib.import_module(f'colorflax.{entry}')
+  monkeypatch.setattr(sys, 'argv', [f'{entry}.py', *args])
+  monkeypatch.chdir(REPO)
+  monkeypatch.syspath_prepend(REPO)
+  # ml_collections loads every --config file as the module 'config_config', into the one left in
+  # sys.modules if any: a file without get_config() would find the last file's.
+  monkeypatch.delitem(sys.modules, 'config_config', raising=False)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited, warnings.catch_warnings():
+    # ml_collections' loader; a separate process would print it only under -W.
+    warnings.filterwarnings('ignore', 'the load_module', DeprecationWarning)
+    cli.run(module.main, module.define_flags)
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(sys.argv, exited.value.code, out, err)
+
+
 def _assert_one_line(entry, r, code=2, fragment=''):
   """The command failed with `code` and one line (its last on stderr) saying what is wrong."""
   err = r.stderr.strip().splitlines()
@@ -186,15 +209,17 @@ def _files(folder):
 
 
 @pytest.mark.parametrize('entry', ENTRY_POINTS)
-def test_a_config_typo_is_one_line(ctx, tmp_path, entry):
-  r = _run(entry, ENTRY_POINTS[entry].args(ctx, tmp_path) + ['--config.data.cachedir=x'])
+def test_a_config_typo_is_one_line(ctx, tmp_path, capsys, monkeypatch, entry):
+  args = ENTRY_POINTS[entry].args(ctx, tmp_path) + ['--config.data.cachedir=x']
+  r = _run_here(entry, args, capsys, monkeypatch)
   config = ENTRY_POINTS[entry].takes_config
   _assert_one_line(entry, r, fragment='cachedir' + (': no such config field' if config else ''))
 
 
 @pytest.mark.parametrize('entry', [e for e in ENTRY_POINTS if ENTRY_POINTS[e].takes_config])
-def test_an_invalid_config_value_is_one_line(ctx, tmp_path, entry):
-  r = _run(entry, ENTRY_POINTS[entry].args(ctx, tmp_path) + ['--config.batch_size=-1'])
+def test_an_invalid_config_value_is_one_line(ctx, tmp_path, capsys, monkeypatch, entry):
+  args = ENTRY_POINTS[entry].args(ctx, tmp_path) + ['--config.batch_size=-1']
+  r = _run_here(entry, args, capsys, monkeypatch)
   _assert_one_line(entry, r, fragment='config.batch_size: -1 is invalid')
 
 
@@ -208,18 +233,19 @@ BAD_CONFIG_FILES = {
 
 @pytest.mark.parametrize('entry', [e for e in ENTRY_POINTS if ENTRY_POINTS[e].takes_config])
 @pytest.mark.parametrize('kind', BAD_CONFIG_FILES)
-def test_a_bad_config_file_is_one_line(ctx, tmp_path, entry, kind):
+def test_a_bad_config_file_is_one_line(ctx, tmp_path, capsys, monkeypatch, entry, kind):
   content, fragment = BAD_CONFIG_FILES[kind]
   bad = tmp_path / 'bad_config.py'
   bad.write_bytes(content if isinstance(content, bytes) else content.encode())
   args = ENTRY_POINTS[entry].args(ctx, tmp_path)
   args = [f'--config={bad}'] + [a for a in args if a not in (ctx.config, '--config')]
-  _assert_one_line(entry, _run(entry, args), fragment=fragment)
+  _assert_one_line(entry, _run_here(entry, args, capsys, monkeypatch), fragment=fragment)
 
 
 @pytest.mark.parametrize('entry', [e for e in ENTRY_POINTS if ENTRY_POINTS[e].missing_input])
-def test_a_missing_or_garbled_input_is_one_line(ctx, tmp_path, entry):
-  _assert_one_line(entry, _run(entry, ENTRY_POINTS[entry].missing_input(ctx, tmp_path)))
+def test_a_missing_or_garbled_input_is_one_line(ctx, tmp_path, capsys, monkeypatch, entry):
+  args = ENTRY_POINTS[entry].missing_input(ctx, tmp_path)
+  _assert_one_line(entry, _run_here(entry, args, capsys, monkeypatch))
 
 
 # --- Disks that refuse the writes ------------------------------------------------------------
