@@ -1,6 +1,7 @@
 """What colour costs in PSNR: a run's predicted ab scaled by a gain, on a cache of held-out photos.
 
   python benchmarks/photos/frontier.py RUN_DIR CACHE_DIR [--fit_cache TRAIN_CACHE] [--target -5]
+      [--guide_run OTHER_RUN_DIR] [--fid]
 
 Prints PSNR and colourfulness (evaluate's, per image, then averaged) of the run's colours scaled
 at each pixel's own L (ab -> g * ab):
@@ -9,8 +10,12 @@ at each pixel's own L (ab -> g * ab):
   s times a prediction of its truth's, a ridge regression on the run's own colourfulness, L's mean
   and spread and 4 principal components of the embedding, fitted on TRAIN_CACHE (the run's
   training photos); s is the smallest reaching the delta, as for the global gain;
+- 'OTHER_RUN's colourfulness' (with --guide_run): the same, from another run's colourfulness on
+  the image (a colourful classification run's: it may know which photos are colourful, while its
+  hues are often wrong);
 - 'oracle, its true colourfulness': the same, from each image's true colourfulness: what a
-  perfect prediction of it would give;
+  perfect prediction of it would give; 'oracle with noise': from the truth times log-normal noise
+  (20 draws each, mean PSNR), what a prediction correlated r with the truth gives;
 - 'oracle, best allocation': each image's gain chosen, knowing the truth, for the highest mean
   PSNR at that mean delta (an upper bound of any per-image gain; it also knows which images'
   colours are wrong, and grays them).
@@ -69,7 +74,11 @@ def scores(workdir, cache_dir):
   """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,),
   what predicts it (the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings),
   and `render(g)`: the images as uint8 RGB at gain g."""
-  l_norm, ab, rgb, embeddings = predictions(workdir, cache_dir)
+  return scores_of(*predictions(workdir, cache_dir))
+
+
+def scores_of(l_norm, ab, rgb, embeddings):
+  """scores() of predicted colours `ab` (ab/128) under `l_norm` (L/100), true `rgb`."""
   psnr, colour = (np.asarray(x, np.float64) for x in _scored(l_norm, ab, rgb, jnp.asarray(GAINS)))
   truth = np.asarray(metrics.colorfulness(jnp.asarray(rgb)), np.float64)
   own = colour[int(np.argmin(np.abs(GAINS - 1.0)))]
@@ -116,6 +125,15 @@ def at_least(colour, targets):
   )
 
 
+def following(colour, guess, reaches):
+  """(each image's gain index, s): gains setting each image's colourfulness to s times its
+  guess, s the smallest that reaches the delta; None if none does."""
+  for s in np.arange(0.5, 3.001, 0.05):
+    if reaches(pick := at_least(colour, s * guess)):
+      return pick, s
+  return None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdir')
@@ -123,17 +141,18 @@ def main():
   parser.add_argument('--fit_cache', help="the run's training photos' cache, to predict from")
   parser.add_argument('--target', type=float, default=-5.0, help='mean colourfulness delta')
   parser.add_argument('--fid', action='store_true', help="also the global gains' FID")
+  parser.add_argument('--guide_run', help='a run whose colourfulness on each image to follow')
   args = parser.parse_args()
   psnr, colour, truth, stats, embeddings, render = scores(args.workdir, args.cache_dir)
   fid = fid_to_truth(args.cache_dir) if args.fid else None
   n, images = len(truth), np.arange(len(truth))
   print(f'{n} images of {args.cache_dir}; truth colourfulness {truth.mean():.1f}')
-  header = f'{"colours":<40}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}'
+  header = f'{"colours":<48}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}'
   print(header + (f'{"FID":>10}' if fid else ''))
 
   def row(name, pick):
     c = colour[pick, images].mean()
-    line = f'{name:<40}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}'
+    line = f'{name:<48}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}'
     if fid and len(set(pick)) == 1:  # one gain for every image
       line += f'{fid(render(GAINS[pick[0]])):>10.0f}'
     print(line)
@@ -154,11 +173,24 @@ def main():
     predicted = colourfulness_predictor(fit_stats, fit_embeddings, fit_truth)(stats, embeddings)
     r = np.corrcoef(predicted, truth)[0, 1]
     guesses.insert(0, (f'predicted colourfulness (r {r:.2f})', predicted))
+  if args.guide_run:
+    guide = np.expm1(scores(args.guide_run, args.cache_dir)[3][:, 0])  # its colourfulness
+    r = np.corrcoef(guide, truth)[0, 1]
+    name = os.path.basename(os.path.normpath(args.guide_run))
+    guesses.insert(-1, (f"{name}'s colourfulness (r {r:.2f})", guide))
   for name, guess in guesses:
-    for s in np.arange(0.5, 3.001, 0.05):
-      if reaches(pick := at_least(colour, s * guess)):
-        row(f'{name} x {s:.2f}', pick)
-        break
+    if (pick := following(colour, guess, reaches)) is not None:
+      row(f'{name} x {pick[1]:.2f}', pick[0])
+  # How good a prediction must be: the truth with noise, at correlations below 1.
+  rng = np.random.default_rng(0)
+  for sigma in (0.1, 0.2, 0.3, 0.5):
+    draws = [truth * np.exp(sigma * rng.standard_normal(n)) for _ in range(20)]
+    picks = [following(colour, d, reaches) for d in draws]
+    if all(p is not None for p in picks):
+      r = np.mean([np.corrcoef(d, truth)[0, 1] for d in draws])
+      p = np.mean([psnr[pick, images].mean() for pick, _ in picks])
+      c = np.mean([colour[pick, images].mean() for pick, _ in picks]) - truth.mean()
+      print(f'{f"oracle with noise (r {r:.2f})":<48}{p:>10.2f}{c + truth.mean():>15.1f}{c:>+8.1f}')
   # The highest mean PSNR at the delta over per-image gains: a Lagrange multiplier on colour.
   for lam in np.geomspace(1e-4, 1e2, 400):
     if reaches(pick := np.argmax(psnr + lam * colour, axis=0)):
