@@ -74,11 +74,7 @@ def scores(workdir, cache_dir):
   """Every image's (PSNR, colourfulness) at each of GAINS (G, N), its true colourfulness (N,),
   what predicts it (the run's colourfulness at gain 1, L's mean and spread (N, 3), embeddings),
   and `render(g)`: the images as uint8 RGB at gain g."""
-  return scores_of(*predictions(workdir, cache_dir))
-
-
-def scores_of(l_norm, ab, rgb, embeddings):
-  """scores() of predicted colours `ab` (ab/128) under `l_norm` (L/100), true `rgb`."""
+  l_norm, ab, rgb, embeddings = predictions(workdir, cache_dir)
   psnr, colour = (np.asarray(x, np.float64) for x in _scored(l_norm, ab, rgb, jnp.asarray(GAINS)))
   truth = np.asarray(metrics.colorfulness(jnp.asarray(rgb)), np.float64)
   own = colour[int(np.argmin(np.abs(GAINS - 1.0)))]
@@ -147,12 +143,12 @@ def main():
   fid = fid_to_truth(args.cache_dir) if args.fid else None
   n, images = len(truth), np.arange(len(truth))
   print(f'{n} images of {args.cache_dir}; truth colourfulness {truth.mean():.1f}')
-  header = f'{"colours":<48}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}'
+  header = f'{"colours":<56}{"PSNR (dB)":>10}{"colourfulness":>15}{"delta":>8}'
   print(header + (f'{"FID":>10}' if fid else ''))
 
   def row(name, pick):
     c = colour[pick, images].mean()
-    line = f'{name:<48}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}'
+    line = f'{name:<56}{psnr[pick, images].mean():>10.2f}{c:>15.1f}{c - truth.mean():>+8.1f}'
     if fid and len(set(pick)) == 1:  # one gain for every image
       line += f'{fid(render(GAINS[pick[0]])):>10.0f}'
     print(line)
@@ -174,7 +170,7 @@ def main():
     r = np.corrcoef(predicted, truth)[0, 1]
     guesses.insert(0, (f'predicted colourfulness (r {r:.2f})', predicted))
   if args.guide_run:
-    guide = np.expm1(scores(args.guide_run, args.cache_dir)[3][:, 0])  # its colourfulness
+    guide = scores(args.guide_run, args.cache_dir)[1][int(np.argmin(np.abs(GAINS - 1.0)))]
     r = np.corrcoef(guide, truth)[0, 1]
     name = os.path.basename(os.path.normpath(args.guide_run))
     guesses.insert(-1, (f"{name}'s colourfulness (r {r:.2f})", guide))
@@ -190,7 +186,7 @@ def main():
       r = np.mean([np.corrcoef(d, truth)[0, 1] for d in draws])
       p = np.mean([psnr[pick, images].mean() for pick, _ in picks])
       c = np.mean([colour[pick, images].mean() for pick, _ in picks]) - truth.mean()
-      print(f'{f"oracle with noise (r {r:.2f})":<48}{p:>10.2f}{c + truth.mean():>15.1f}{c:>+8.1f}')
+      print(f'{f"oracle with noise (r {r:.2f})":<56}{p:>10.2f}{c + truth.mean():>15.1f}{c:>+8.1f}')
   # The highest mean PSNR at the delta over per-image gains: a Lagrange multiplier on colour.
   for lam in np.geomspace(1e-4, 1e2, 400):
     if reaches(pick := np.argmax(psnr + lam * colour, axis=0)):
