@@ -1,3 +1,4 @@
+import contextlib
 import io
 import os
 import re
@@ -430,6 +431,36 @@ def test_bad_sources_are_one_line_errors(tmp_path):
   assert (tmp_path / 'file').read_text() == 'x'
 
 
+def _stat(pid):
+  """The fields of /proc/PID/stat after the command's name: (state, parent pid, ...)."""
+  with open(f'/proc/{pid}/stat') as f:
+    return f.read().rsplit(')', 1)[1].split()
+
+
+def _children(pid):
+  """The ids of the processes whose parent is `pid`."""
+  out = []
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    with contextlib.suppress(OSError):
+      if int(_stat(entry)[1]) == pid:
+        out.append(int(entry))
+  return out
+
+
+def _running(pid):
+  """Whether process `pid` exists and is not a zombie (a container's init may never reap)."""
+  try:
+    return _stat(pid)[0] != 'Z'
+  except OSError:
+    return False
+
+
+def _cmdline(pid):
+  with contextlib.suppress(OSError), open(f'/proc/{pid}/cmdline', 'rb') as f:
+    return f.read().replace(b'\0', b' ').decode(errors='replace')
+  return ''
+
+
 def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   cache = tmp_path / 'cache'
   args = [
@@ -460,9 +491,16 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
     if os.path.exists(p) and os.path.getsize(p) > 128 + 4 * 1000 * 8:
       break
     time.sleep(0.1)
+  workers = [pid for pid in _children(proc.pid) if 'spawn_main' in _cmdline(pid)]
+  assert workers  # the decode worker (features.num_workers = 1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert os.path.isdir(partial) and not cache.exists()
+  # Its decode worker goes too: it used to wait for ever for the next task, holding its memory.
+  deadline = time.time() + 60
+  while time.time() < deadline and any(_running(pid) for pid in workers):
+    time.sleep(0.2)
+  assert not [pid for pid in workers if _running(pid)], [_cmdline(pid) for pid in workers]
   with pytest.raises(UserError, match='interrupted run'):
     features_cache.open_cache(cache)
   r = _run_cli(*args[:1], '--config.data.synthetic_images=8', *args[2:])
