@@ -8,10 +8,7 @@ import collections
 import concurrent.futures
 import contextlib
 import multiprocessing
-import os
 import signal
-import threading
-import time
 
 from colorflax import signals, sources
 
@@ -58,16 +55,7 @@ def _init_worker(*settings):
   # (the pool's shutdown), so each need not die with a traceback of its own.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGHUP, signal.SIG_IGN)
-  threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with(parent, every=1.0):
-  """Ends this worker once `parent` (the main process) is gone: killed outright (kill -9, the
-  OOM killer), it cannot stop its workers, and each would wait for ever, holding its memory,
-  on a task queue whose other end it holds itself."""
-  while os.getppid() == parent:  # an orphan is adopted by another process
-    time.sleep(every)
-  os._exit(1)
+  signals.exit_with_parent()  # and if the main process is killed outright, they end too
 
 
 def _prepare_range(begin, end):

@@ -117,6 +117,24 @@ def raise_again_soon(stopped: KeyboardInterrupt, delay=0.01):
   signal.setitimer(signal.ITIMER_REAL, delay)
 
 
+def exit_with_parent():
+  """Call in a worker process (grain's, precompute's decoders) as it starts: it then ends once the
+  process that started it is gone. Killed outright (kill -9, the OOM killer), that process cannot
+  stop its workers, and each would wait for ever, holding its memory, on a queue whose other end
+  it holds itself."""
+  import multiprocessing
+
+  parent = multiprocessing.parent_process()  # from the start: even if it is already gone
+  if parent is None:  # not started by multiprocessing
+    return
+
+  def watch():
+    parent.join()  # its sentinel, a pipe that closes as it exits
+    os._exit(1)
+
+  threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
+
+
 def start_resource_tracker_without_sighup():
   """Call before starting worker processes (grain's, precompute's). Their shared memory and
   semaphores are registered with multiprocessing's resource tracker, a process of the same

@@ -146,6 +146,7 @@ def _leave_stop_signals_to_training(worker_index, worker_count):
   for signum in _STOP_SIGNALS:
     signal.signal(signum, signal.SIG_IGN)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+  signals.exit_with_parent()  # and if training is killed outright (kill -9), they end too
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -62,6 +63,29 @@ def _small_disk(folder, kilobytes):
 def small_disk():
   """`with small_disk(folder, kilobytes) as folder:` a filesystem that fills up (_small_disk)."""
   return _small_disk
+
+
+def _running(pid):
+  """Whether process `pid` exists and is not a zombie (a container's init may never reap)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.fixture
+def still_running():
+  """`still_running(pids)`: those of the processes `pids` still running after waiting up to a
+  minute for them to end."""
+
+  def wait(pids, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(map(_running, pids)):
+      time.sleep(0.2)
+    return [pid for pid in pids if _running(pid)]
+
+  return wait
 
 
 # Real photographs the repository ships: the top row of docs/reference_example.jpg holds three

@@ -431,28 +431,14 @@ def test_bad_sources_are_one_line_errors(tmp_path):
   assert (tmp_path / 'file').read_text() == 'x'
 
 
-def _stat(pid):
-  """The fields of /proc/PID/stat after the command's name: (state, parent pid, ...)."""
-  with open(f'/proc/{pid}/stat') as f:
-    return f.read().rsplit(')', 1)[1].split()
-
-
 def _children(pid):
   """The ids of the processes whose parent is `pid`."""
   out = []
   for entry in filter(str.isdigit, os.listdir('/proc')):
-    with contextlib.suppress(OSError):
-      if int(_stat(entry)[1]) == pid:
+    with contextlib.suppress(OSError), open(f'/proc/{entry}/stat') as f:
+      if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:  # after the name: state, parent
         out.append(int(entry))
   return out
-
-
-def _running(pid):
-  """Whether process `pid` exists and is not a zombie (a container's init may never reap)."""
-  try:
-    return _stat(pid)[0] != 'Z'
-  except OSError:
-    return False
 
 
 def _cmdline(pid):
@@ -461,7 +447,7 @@ def _cmdline(pid):
   return ''
 
 
-def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
+def test_killed_run_leaves_no_complete_looking_cache(tmp_path, still_running):
   cache = tmp_path / 'cache'
   args = [
       f'--config.data.cache_dir={cache}',
@@ -497,10 +483,7 @@ def test_killed_run_leaves_no_complete_looking_cache(tmp_path):
   proc.wait()
   assert os.path.isdir(partial) and not cache.exists()
   # Its decode worker goes too: it used to wait for ever for the next task, holding its memory.
-  deadline = time.time() + 60
-  while time.time() < deadline and any(_running(pid) for pid in workers):
-    time.sleep(0.2)
-  assert not [pid for pid in workers if _running(pid)], [_cmdline(pid) for pid in workers]
+  assert not still_running(workers), [_cmdline(pid) for pid in workers]
   with pytest.raises(UserError, match='interrupted run'):
     features_cache.open_cache(cache)
   r = _run_cli(*args[:1], '--config.data.synthetic_images=8', *args[2:])

@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -61,3 +62,29 @@ def test_grain_workers_start_with_the_stop_signals_blocked_until_they_ignore_the
     assert not set(stop) & set(blocked)
     assert handlers == [signal.SIG_IGN] * len(stop)
   assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # this thread hears them again
+
+
+def _worker(init):
+  init(0, 1)
+  time.sleep(600)
+
+
+def _trainer(queue, init):
+  """The training process's part: starts a worker as grain does, says its id, waits."""
+  worker = multiprocessing.get_context('spawn').Process(target=_worker, args=(init,))
+  worker.start()
+  queue.put(worker.pid)
+  time.sleep(600)
+
+
+def test_a_grain_worker_ends_when_the_training_process_is_killed_outright(still_running):
+  # kill -9 or the OOM killer: training cannot stop its workers. Each waited for ever on its
+  # queue, holding its memory (about 200 MB).
+  ctx = multiprocessing.get_context('spawn')
+  queue = ctx.Queue()
+  trainer = ctx.Process(target=_trainer, args=(queue, streaming._leave_stop_signals_to_training))
+  trainer.start()
+  worker = queue.get(timeout=120)
+  trainer.kill()
+  trainer.join(60)
+  assert not still_running([worker])
