@@ -80,6 +80,7 @@ def _measure(fn, args):
 
 def _measure_in_child(fn, args, send):
   """The child's side of `isolated`: (True, the figures) or (False, the exception) on `send`."""
+  signals.exit_with_parent()  # a benchmark killed outright: its measurement (a GPU's memory) too
   try:
     result = (True, _measure(fn, args))
   except BaseException as e:  # noqa: BLE001 - the parent re-raises it

@@ -1,6 +1,8 @@
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -365,3 +367,30 @@ def test_results_name_the_machine_and_library_releases_they_came_from():
       f"  on {m['host_cpu']} ({m['host_cpus']} CPUs), jax {release(jax)}, "
       f"torch {release(torch)}, {m['date']}"
   )
+
+
+def _says_its_pid_and_sleeps(path):
+  with open(path + '.tmp', 'w') as f:
+    f.write(str(os.getpid()))
+  os.rename(path + '.tmp', path)
+  time.sleep(600)
+
+
+def _benchmark(path):
+  benchmark.isolated(_says_its_pid_and_sleeps, path)
+
+
+def test_a_measurement_ends_when_the_benchmark_is_killed_outright(tmp_path, still_running):
+  # kill -9 or the OOM killer: the benchmark cannot end its measurement, which went on holding
+  # the accelerator's memory (isolated() ends it on Ctrl-C and SIGTERM).
+  path = str(tmp_path / 'pid')
+  bench = multiprocessing.get_context('spawn').Process(target=_benchmark, args=(path,))
+  bench.start()
+  deadline = time.time() + 120
+  while not os.path.exists(path) and time.time() < deadline:
+    time.sleep(0.1)
+  with open(path) as f:
+    measurement = int(f.read())
+  bench.kill()
+  bench.join(60)
+  assert not still_running([measurement])
