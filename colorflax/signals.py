@@ -118,10 +118,10 @@ def raise_again_soon(stopped: KeyboardInterrupt, delay=0.01):
 
 
 def exit_with_parent():
-  """Call in a worker process (grain's, precompute's decoders) as it starts: it then ends once the
-  process that started it is gone. Killed outright (kill -9, the OOM killer), that process cannot
-  stop its workers, and each would wait for ever, holding its memory, on a queue whose other end
-  it holds itself."""
+  """Call in a worker process (grain's, precompute's decoders, benchmark's measurement) as it
+  starts: it then ends once the process that started it is gone. Killed outright (kill -9, the
+  OOM killer), that process cannot stop its workers, and each would wait for ever, holding its
+  memory, on a queue whose other end it holds itself."""
   import multiprocessing
 
   parent = multiprocessing.parent_process()  # from the start: even if it is already gone

@@ -369,28 +369,23 @@ def test_results_name_the_machine_and_library_releases_they_came_from():
   )
 
 
-def _says_its_pid_and_sleeps(path):
-  with open(path + '.tmp', 'w') as f:
-    f.write(str(os.getpid()))
-  os.rename(path + '.tmp', path)
+def _says_its_pid_and_sleeps(queue):
+  queue.put(os.getpid())
   time.sleep(600)
 
 
-def _benchmark(path):
-  benchmark.isolated(_says_its_pid_and_sleeps, path)
+def _benchmark(queue):
+  benchmark.isolated(_says_its_pid_and_sleeps, queue)
 
 
-def test_a_measurement_ends_when_the_benchmark_is_killed_outright(tmp_path, still_running):
+def test_a_measurement_ends_when_the_benchmark_is_killed_outright(still_running):
   # kill -9 or the OOM killer: the benchmark cannot end its measurement, which went on holding
   # the accelerator's memory (isolated() ends it on Ctrl-C and SIGTERM).
-  path = str(tmp_path / 'pid')
-  bench = multiprocessing.get_context('spawn').Process(target=_benchmark, args=(path,))
+  ctx = multiprocessing.get_context('spawn')
+  queue = ctx.Queue()
+  bench = ctx.Process(target=_benchmark, args=(queue,))
   bench.start()
-  deadline = time.time() + 120
-  while not os.path.exists(path) and time.time() < deadline:
-    time.sleep(0.1)
-  with open(path) as f:
-    measurement = int(f.read())
+  measurement = queue.get(timeout=120)
   bench.kill()
   bench.join(60)
   assert not still_running([measurement])
